@@ -1,0 +1,125 @@
+"""Key handles: `sr=<B64(json)>&sig=<B64(HMAC-SHA256(handle-validation-key, json))>`.
+
+The JSON is what the original's serde writes, byte for byte, so handles minted by either
+implementation validate in the other as long as they share the handle-validation key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+from collections import OrderedDict
+
+import attrs
+
+from bus.errors import BusError, invalid
+
+HANDLE_VALIDATION_KEY_ID = "handle-validation-key"
+_CACHE_SIZE = 4096
+
+
+@attrs.frozen
+class KeyRef:
+    """What a handle names: a symmetric key, a key pair, or data derived from another handle."""
+
+    kind: str  # "Key", "KeyPair" or "Derived"
+    key_id: str = ""
+    base_handle: str = ""
+    derivation_data: bytes = b""
+
+    def to_json(self) -> object:
+        if self.kind == "Derived":
+            return {"Derived": [self.base_handle, list(self.derivation_data)]}
+        return {self.kind: self.key_id}
+
+
+def invalid_handle(detail: str = "invalid handle") -> BusError:
+    return invalid(f'parameter "handle" has an invalid value\ncaused by: {detail}')
+
+
+def b64decode_strict(text: str) -> bytes:
+    """Decode standard padded base64, refusing what Rust's strict engine refuses."""
+    raw = base64.b64decode(text, validate=True)
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise binascii.Error("non-canonical base64")
+    return raw
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class HandleSealer:
+    """Mints and opens handles with one handle-validation key; remembers recent good handles."""
+
+    def __init__(self, validation_key: bytes) -> None:
+        self._key = validation_key
+        self._opened: OrderedDict[str, KeyRef] = OrderedDict()
+
+    def _mac(self, data: bytes) -> bytes:
+        return hmac.new(self._key, data, hashlib.sha256).digest()
+
+    def seal(self, ref: KeyRef) -> str:
+        nonce = b64encode(os.urandom(64))
+        body = json.dumps(
+            {"key_id": ref.to_json(), "nonce": nonce}, separators=(",", ":"), ensure_ascii=False
+        ).encode("utf-8")
+        return f"sr={b64encode(body)}&sig={b64encode(self._mac(body))}"
+
+    def open(self, handle: str) -> KeyRef:
+        """Validate `handle` and return what it names (a Derived base is validated too)."""
+        ref = self._opened.get(handle)
+        if ref is not None:
+            self._opened.move_to_end(handle)
+            return ref
+        ref = self._open_uncached(handle)
+        self._opened[handle] = ref
+        if len(self._opened) > _CACHE_SIZE:
+            self._opened.popitem(last=False)
+        return ref
+
+    def _open_uncached(self, handle: str) -> KeyRef:
+        sr = sig = None
+        for part in handle.split("&"):
+            if part.startswith("sr="):
+                sr = part[3:]
+            elif part.startswith("sig="):
+                sig = part[4:]
+        if sr is None or sig is None:
+            raise invalid_handle()
+        try:
+            body = b64decode_strict(sr)
+            signature = b64decode_strict(sig)
+            text = body.decode("utf-8")
+        except (binascii.Error, ValueError):
+            raise invalid_handle() from None
+        if not hmac.compare_digest(self._mac(body), signature):
+            raise invalid_handle()
+        try:
+            key_id = json.loads(text)["key_id"]
+            ((kind, value),) = key_id.items()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise invalid_handle() from None
+        if kind in ("Key", "KeyPair") and isinstance(value, str):
+            return KeyRef(kind, value)
+        if kind == "Derived":
+            try:
+                base, data = value
+                data = bytes(data)
+            except (ValueError, TypeError):
+                raise invalid_handle() from None
+            if not isinstance(base, str):
+                raise invalid_handle()
+            self.open(base)
+            return KeyRef("Derived", base_handle=base, derivation_data=data)
+        raise invalid_handle()
+
+    def base_of(self, ref: KeyRef) -> KeyRef:
+        """The key a (possibly derived) reference finally uses."""
+        while ref.kind == "Derived":
+            ref = self.open(ref.base_handle)
+        return ref

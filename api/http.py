@@ -1,0 +1,234 @@
+"""The HTTP framework every service shares: spec/api.md §1.2–§1.3, step by step.
+
+An ASGI app over hypercorn. It knows HTTP and the original's framing rules, nothing about keys:
+each route's handler turns a `Request` into one bus call and the result into a `Response`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qsl, unquote_to_bytes
+
+import attrs
+import trio
+
+from bus.errors import BusError, ErrorKind
+
+from .body import ShapeError, parse_json, shape_message
+
+log = logging.getLogger(__name__)
+
+BODY_TIMEOUT = 5.0  # the original's body read timeout
+MAX_BODY = 1 << 20  # 1 MiB: no request of any service comes close
+
+STATUS_OF_KIND = {
+    ErrorKind.INVALID: 400,
+    ErrorKind.UNAUTHORIZED: 401,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.INTERNAL: 500,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.TIMEOUT: 504,
+}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@attrs.frozen
+class Request:
+    method: str
+    params: tuple[str, ...]
+    query: dict[str, str]
+    api_version: str
+    raw_body: bytes | None  # None when the original would see "no body"
+    parsed_body: Any
+    uid: int
+    pid: int
+
+    def body(self) -> Any:
+        """The parsed JSON body; a route that needs one answers 400 without it."""
+        if self.raw_body is None:
+            raise HttpError(400, "missing request body")
+        return self.parsed_body
+
+
+@attrs.frozen
+class Response:
+    status: int
+    body: Any = None  # JSON-able; None for 204
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@attrs.frozen
+class Route:
+    pattern: re.Pattern[str]
+    handlers: dict[str, Handler]
+    min_version: str | None = None
+
+    def match(self, path: str, api_version: str) -> tuple[str, ...] | None:
+        if self.min_version is not None and api_version < self.min_version:
+            return None
+        found = self.pattern.fullmatch(path)
+        if found is None:
+            return None
+        try:
+            return tuple(unquote_to_bytes(g).decode("utf-8") for g in found.groups())
+        except UnicodeDecodeError:
+            return None
+
+
+def route(pattern: str, min_version: str | None = None, **handlers: Handler) -> Route:
+    """`route("/key/([^/]+)", GET=handler)`: methods as keyword names."""
+    return Route(re.compile(pattern), handlers, min_version)
+
+
+def encode_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def rust_debug(text: str) -> str:
+    """A string as Rust's `{:?}` shows it: quoted, with `"` and `\\` and controls escaped."""
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{{{ord(char):x}}}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+class ServiceApp:
+    """One service's HTTP API: api-version check, routing, body rules, error mapping."""
+
+    def __init__(self, name: str, api_versions: Iterable[str], routes: list[Route]) -> None:
+        self.name = name
+        self._versions = frozenset(api_versions)
+        self._routes = routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        uid, pid = scope.get("peer", (0, 0))
+        try:
+            response = await self._respond(scope, receive, uid, pid)
+        except HttpError as error:
+            response = Response(error.status, {"message": error.message})
+        except BusError as error:
+            response = self._bus_error(error)
+        except ShapeError as error:
+            response = Response(422, {"message": str(error)})
+        if response.status >= 500 or response.status in (401, 408, 413):
+            log.warning(
+                "%s %s %s uid=%d pid=%d -> %d %s",
+                self.name,
+                scope["method"],
+                scope.get("raw_path", b"").decode("latin-1"),
+                uid,
+                pid,
+                response.status,
+                (response.body or {}).get("message", "").split("\n")[0],
+            )
+        await self._send(send, response, head=scope["method"] == "HEAD")
+
+    @staticmethod
+    def _bus_error(error: BusError) -> Response:
+        status = STATUS_OF_KIND[error.kind]
+        message = "internal error" if error.kind is ErrorKind.INTERNAL else error.message
+        return Response(status, {"message": message})
+
+    async def _respond(self, scope: dict[str, Any], receive: Any, uid: int, pid: int) -> Response:
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+        api_version = query.pop("api-version", None)
+        if api_version is None:
+            raise HttpError(400, "api-version not specified")
+        if api_version not in self._versions:
+            raise HttpError(400, f"invalid api-version {rust_debug(api_version)}")
+        path = scope["raw_path"].decode("latin-1")
+        for candidate in self._routes:
+            params = candidate.match(path, api_version)
+            if params is not None:
+                break
+        else:
+            raise HttpError(404, "not found")
+        method = scope["method"]
+        raw_body = await self._read_body(scope, receive, method)
+        # The original parses the body before it looks at the method: bad JSON wins over 400.
+        parsed = None if raw_body is None else parse_json(raw_body)
+        handler = candidate.handlers.get(method)
+        if handler is None:
+            raise HttpError(400, "method not allowed")
+        request = Request(method, params, query, api_version, raw_body, parsed, uid, pid)
+        try:
+            return await handler(request)
+        except ShapeError as error:
+            raise HttpError(422, shape_message(error, raw_body or b"")) from None
+
+    async def _read_body(self, scope: dict[str, Any], receive: Any, method: str) -> bytes | None:
+        if method == "GET":
+            return None
+        if method not in ("POST", "DELETE", "PUT"):
+            raise HttpError(400, "method not allowed")
+        content_type = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value.decode("latin-1").split(";", 1)[0].strip()
+            elif name == b"content-length" and value.isdigit() and int(value) > MAX_BODY:
+                raise HttpError(413, "request body too large")
+        is_json = content_type is None or content_type == "application/json"
+        if method == "PUT" and not is_json:
+            raise HttpError(415, "request body must be application/json")
+        chunks = []
+        size = 0
+        with trio.move_on_after(BODY_TIMEOUT) as timer:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise HttpError(400, "error reading request body: connection closed")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise HttpError(413, "request body too large")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        if timer.cancelled_caught:
+            raise HttpError(408, "deadline has elapsed")
+        body = b"".join(chunks)
+        if method == "PUT":
+            return body  # PUT bodies are always parsed, even empty ones
+        if not body or not is_json:
+            return None
+        return body
+
+    @staticmethod
+    async def _send(send: Any, response: Response, head: bool) -> None:
+        if response.status == 204:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        payload = encode_json(response.body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode("ascii")),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"" if head else payload})

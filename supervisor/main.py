@@ -1,0 +1,189 @@
+"""`aziotd`: start every configured service in one process and keep it running.
+
+Signals: TERM/INT stop accepting, let in-flight requests finish (bounded), exit 0; HUP reloads
+each service's principals from its config files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import trio
+
+from api.server import UnixServer, bind_unix
+from bus.bus import Bus
+from bus.faults import POINTS, Faults
+from config.loader import ConfigError
+
+from . import systemd
+from .services import Service, configured_services
+from .supervise import RestartLimitExceeded, RestartPolicy, supervise
+
+log = logging.getLogger("aziotd")
+
+EXIT_CONFIG = 78  # EX_CONFIG: systemd shows it as a configuration problem
+EXIT_CRASHED = 70  # EX_SOFTWARE
+
+
+def package_version() -> str:
+    try:
+        return version("aziot-py")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="aziotd",
+        description=(
+            "IoT device identity daemon: serves the Keys Service (and, as they land, the "
+            "Certificates, Identity and TPM services) over Unix sockets, wire-compatible with "
+            "the Azure IoT Identity Service. A service starts when its config file exists."
+        ),
+        epilog=(
+            "environment: AZIOT_KEYD_CONFIG (default /etc/aziot/keyd/config.toml), "
+            "AZIOT_KEYD_CONFIG_DIR (default /etc/aziot/keyd/config.d), AZIOT_SOCKET_DIR "
+            "(default /run/aziot), AZIOT_LOG_LEVEL (error, warn, info, debug), AZIOTD_FAULTS "
+            "(fault injection rules, see --list-fault-points)."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"aziotd {package_version()}")
+    parser.add_argument(
+        "--list-fault-points",
+        action="store_true",
+        help="print the fault-injection points and the AZIOTD_FAULTS syntax, then exit",
+    )
+    parser.add_argument("--log-level", help="overrides AZIOT_LOG_LEVEL")
+    return parser.parse_args(argv)
+
+
+def setup_logging(level_name: str) -> None:
+    levels = {
+        "error": logging.ERROR,
+        "warn": logging.WARNING,
+        "warning": logging.WARNING,
+        "info": logging.INFO,
+        "debug": logging.DEBUG,
+        "trace": logging.DEBUG,
+    }
+    logging.basicConfig(
+        level=levels.get(level_name.lower(), logging.INFO),
+        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def print_fault_points() -> None:
+    print("Fault points (set AZIOTD_FAULTS='POINT=ACTION[@PROBABILITY][*COUNT];...'):")
+    for point, meaning in POINTS.items():
+        print(f"  {point:24} {meaning}")
+    print("Actions: error, hang, crash, delay=<seconds>. Example:")
+    print("  AZIOTD_FAULTS='bus.deliver.keys=crash*1; store.fsync=delay=0.5@0.1'")
+
+
+async def run_daemon(bus: Bus, services: list[Service], faults: Faults, launched: float) -> None:
+    shutdown = trio.Event()
+    activated = systemd.listen_fds()
+    policy = RestartPolicy()
+    async with trio.open_nursery() as actors:
+        for service in services:
+            for spec in service.actors:
+                await actors.start(supervise, bus, spec.name, spec.start, faults, policy)
+        async with trio.open_nursery() as facades:
+            for service in services:
+                sock = systemd.pick_activated(service.name, activated, len(services))
+                origin = "systemd" if sock is not None else str(service.socket)
+                if sock is None:
+                    sock = bind_unix(service.socket)
+                server = UnixServer(service.name, service.app, sock, service.max_connections)
+                await facades.start(server.serve, shutdown)
+                log.info(
+                    "%s: listening on %s (max %d connections per uid)",
+                    service.name,
+                    origin,
+                    service.max_connections,
+                )
+            systemd.notify("READY=1")
+            log.info(
+                "ready in %.0f ms: %s",
+                (time.monotonic() - launched) * 1000,
+                ", ".join(s.name for s in services),
+            )
+            await handle_signals(bus, services, shutdown)
+        actors.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def handle_signals(bus: Bus, services: list[Service], shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                for service in services:
+                    try:
+                        await service.reload(bus)
+                    except Exception as error:  # keep serving with what we had
+                        log.error(
+                            "%s: reload failed, keeping the old settings: %s", service.name, error
+                        )
+                continue
+            log.info("%s: stopping", signal.Signals(signum).name)
+            systemd.notify("STOPPING=1")
+            shutdown.set()
+            return
+
+
+def first_leaf(error: BaseException, kinds: tuple[type, ...]) -> BaseException | None:
+    """The first exception of one of `kinds` inside (possibly nested) exception groups."""
+    if isinstance(error, kinds):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = first_leaf(inner, kinds)
+            if found is not None:
+                return found
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    launched = time.monotonic()
+    args = parse_args(argv)
+    if args.list_fault_points:
+        print_fault_points()
+        return 0
+    setup_logging(args.log_level or os.environ.get("AZIOT_LOG_LEVEL", "info"))
+    try:
+        faults = Faults.from_spec(os.environ.get("AZIOTD_FAULTS"))
+    except ValueError as error:
+        log.error("AZIOTD_FAULTS: %s", error)
+        return EXIT_CONFIG
+    bus = Bus()
+    try:
+        services = configured_services(bus, faults)
+    except ConfigError as error:
+        log.error("configuration error: %s", error)
+        return EXIT_CONFIG
+    if not services:
+        log.error(
+            "no service is configured: set AZIOT_KEYD_CONFIG to a keyd config file "
+            "(default /etc/aziot/keyd/config.toml)"
+        )
+        return EXIT_CONFIG
+    try:
+        trio.run(run_daemon, bus, services, faults, launched)
+    except BaseExceptionGroup as group:
+        fatal = first_leaf(group, (RestartLimitExceeded, OSError))
+        if fatal is None:
+            raise
+        log.critical("exiting: %s", fatal)
+        return EXIT_CRASHED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
