@@ -28,6 +28,8 @@ from hypercorn.events import Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
+from . import hostless
+
 log = logging.getLogger(__name__)
 
 GRACE_PERIOD = 10.0  # how long in-flight requests may run on after SIGTERM
@@ -124,6 +126,7 @@ class UnixServer:
         self._config = hypercorn_config()
         self._context = WorkerContext(None)
         self._per_uid: Counter[int] = Counter()
+        hostless.install()
 
     async def serve(
         self, shutdown: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
