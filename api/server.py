@@ -17,6 +17,7 @@ import socket
 import stat
 import struct
 from collections import Counter
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,15 @@ class _PeerApp:
 
 
 class _Connection(TCPServer):
-    """hypercorn's per-connection server, sending a response head together with its body."""
+    """hypercorn's per-connection server, with two changes: a response head leaves together
+    with its body, and a connection the peer has closed ends at once instead of waiting out
+    the keep-alive timer (it would hold its uid's connection slot until then)."""
 
     _held = b""
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
@@ -134,7 +141,14 @@ class UnixServer:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
-                accepting.start_soon(trio.serve_listeners, self._serve_connection, [listener])
+                accepting.start_soon(
+                    partial(
+                        trio.serve_listeners,
+                        self._serve_connection,
+                        [listener],
+                        handler_nursery=connections,
+                    )
+                )
                 task_status.started()
                 await shutdown.wait()
                 accepting.cancel_scope.cancel()

@@ -54,9 +54,8 @@ async def serve_actor(
             remaining = message["deadline"] - time.time()
             with trio.move_on_after(remaining) as scope:
                 result = await handler.handle(message["op"], message["args"])
-            if scope.cancelled_caught:
-                return  # the caller has already been told `timeout`
-            bus.send_result(request_id, result)
+            if not scope.cancelled_caught:  # else its caller has already been told `timeout`
+                bus.send_result(request_id, result)
         except BusError as error:
             bus.send_error(request_id, error)
         except InjectedCrash:
@@ -65,8 +64,10 @@ async def serve_actor(
             log.exception("%s: %s failed: %s", name, message.get("op"), error)
             bus.send_error(request_id, BusError(ErrorKind.INTERNAL, "internal error"))
         finally:
-            in_flight.discard(request_id)
             slots.release()
+        # Reached only once the caller has its answer; a crash or cancellation skips it, and
+        # the loop's cleanup answers `unavailable` instead.
+        in_flight.discard(request_id)
 
     try:
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,1121 @@
+"""Blocking PKCS#11 token layer for keyd.
+
+One :class:`Pkcs11Library` wraps one PKCS#11 module (``.so``) loaded through python-pkcs11.
+It is deliberately single-threaded: python-pkcs11 calls ``C_Initialize`` without OS locking
+callbacks, so modules such as SoftHSM are not safe to call from several threads. The keys actor
+owns one worker thread and makes every call on it; nothing here starts threads or takes locks.
+
+Keys are addressed the way libaziot-keys addresses them: the key id is the object label
+(``CKA_LABEL``) on the token a :class:`Pkcs11Uri` selects. The URI's own ``object`` attribute is
+not consulted by the methods; callers pass the label explicitly (``uri.object_label`` for
+preloaded keys, the key id otherwise).
+
+Errors (all subclasses of :class:`Pkcs11Error`):
+
+* :class:`InvalidParameter` – the request cannot work (wrong key type, bad usage, unknown
+  algorithm, …); keyd answers 400. :class:`KeyNotFound` and :class:`KeyExists` refine it.
+* :class:`MechanismMissing` – the token does not offer a mechanism the operation needs; the
+  mechanism name (``CKM_…``) is in the message and in ``.mechanism``.
+* :class:`Pkcs11Error` itself – anything else the token reports; ``.ckr`` carries the token's
+  own return code name (``CKR_…``) so operators see the real cause (lessons.md row 2).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import re
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, TypeVar, cast
+
+import attrs
+import pkcs11
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass, TokenFlag
+from pkcs11 import exceptions as p11x
+
+from .uri import Pkcs11Uri
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KeyPairAlgorithm = Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-4096"]
+SecretUsage = Literal["derive", "sign", "encrypt"]
+RsaPadding = Literal["pkcs1", "none"]
+ObjectKind = Literal["key_pair", "secret"]
+
+KEY_PAIR_ALGORITHMS: tuple[str, ...] = ("ec-p256", "ec-p384", "rsa-2048", "rsa-4096")
+GCM_TAG_LEN = 16
+
+
+class Pkcs11Error(Exception):
+    """A PKCS#11 operation failed. ``ckr`` is the token's return code name, when there is one."""
+
+    def __init__(self, message: str, *, ckr: str | None = None) -> None:
+        super().__init__(message)
+        self.ckr = ckr
+
+
+class InvalidParameter(Pkcs11Error):
+    """The request itself is unusable (keyd maps this to 400)."""
+
+
+class KeyNotFound(InvalidParameter):
+    """No key with the requested label (and kind) is on the token."""
+
+
+class KeyExists(InvalidParameter):
+    """A generate call found a key with that label already; it was left untouched."""
+
+
+class MechanismMissing(Pkcs11Error):
+    """The token does not support a mechanism the operation needs."""
+
+    def __init__(self, message: str, *, mechanism: str) -> None:
+        super().__init__(message)
+        self.mechanism = mechanism
+
+
+@attrs.frozen
+class PublicParameters:
+    """Public half of a key pair, already in the encodings keyd's ``/parameters`` serves.
+
+    EC: ``curve_oid`` is the DER OID including tag and length (``06 08 2A 86 48 CE 3D 03 01 07``
+    for P-256) and ``ec_point`` the compressed SEC1 point. RSA: ``modulus`` and ``exponent`` are
+    big-endian without leading zero bytes.
+    """
+
+    algorithm: Literal["ECDSA", "RSA"]
+    curve_oid: bytes | None = None
+    ec_point: bytes | None = None
+    modulus: bytes | None = None
+    exponent: bytes | None = None
+
+    def public_key(self) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+        """The same key as a ``cryptography`` object (EC only for the curves keyd knows)."""
+        if self.algorithm == "RSA":
+            assert self.modulus is not None and self.exponent is not None
+            numbers = rsa.RSAPublicNumbers(
+                int.from_bytes(self.exponent, "big"), int.from_bytes(self.modulus, "big")
+            )
+            return numbers.public_key()
+        assert self.curve_oid is not None and self.ec_point is not None
+        curve = _CURVES.get(self.curve_oid)
+        if curve is None:
+            raise InvalidParameter(f"EC curve with OID {self.curve_oid.hex()} is not supported")
+        return ec.EllipticCurvePublicKey.from_encoded_point(curve.factory(), self.ec_point)
+
+
+@attrs.frozen
+class _Curve:
+    name: str
+    field_len: int  # bytes in a field element, and in the group order for these curves
+    factory: Callable[[], ec.EllipticCurve]
+
+
+_P256_OID = bytes.fromhex("06082a8648ce3d030107")
+_P384_OID = bytes.fromhex("06052b81040022")
+_CURVES: dict[bytes, _Curve] = {
+    _P256_OID: _Curve("P-256", 32, ec.SECP256R1),
+    _P384_OID: _Curve("P-384", 48, ec.SECP384R1),
+    bytes.fromhex("06052b81040023"): _Curve("P-521", 66, ec.SECP521R1),
+    bytes.fromhex("06052b8104000a"): _Curve("secp256k1", 32, ec.SECP256K1),
+}
+
+
+@attrs.frozen
+class _PairSpec:
+    key_type: KeyType
+    generator: Mechanism
+    modulus_bits: int | None = None
+    ec_params: bytes | None = None
+
+
+_PAIR_SPECS: dict[str, _PairSpec] = {
+    "ec-p256": _PairSpec(KeyType.EC, Mechanism.EC_KEY_PAIR_GEN, ec_params=_P256_OID),
+    "ec-p384": _PairSpec(KeyType.EC, Mechanism.EC_KEY_PAIR_GEN, ec_params=_P384_OID),
+    "rsa-2048": _PairSpec(KeyType.RSA, Mechanism.RSA_PKCS_KEY_PAIR_GEN, modulus_bits=2048),
+    "rsa-4096": _PairSpec(KeyType.RSA, Mechanism.RSA_PKCS_KEY_PAIR_GEN, modulus_bits=4096),
+}
+
+# Errors after which the cached session is probably dead rather than the request wrong: the
+# session was closed or logged out under us, or the token went away and may have come back.
+_RECONNECT_ERRORS: tuple[type[Exception], ...] = (
+    p11x.SessionHandleInvalid,
+    p11x.SessionClosed,
+    p11x.UserNotLoggedIn,
+    p11x.DeviceRemoved,
+    p11x.TokenNotPresent,
+)
+
+_PIN_ERRORS: tuple[type[Exception], ...] = (
+    p11x.PinIncorrect,
+    p11x.PinInvalid,
+    p11x.PinLenRange,
+    p11x.PinLocked,
+    p11x.PinExpired,
+)
+
+# python-pkcs11 turns each CKR_* code into an exception class but drops the code; the class
+# names are the CKR names in CamelCase except for these.
+_CKR_NAME_OVERRIDES = {
+    "AnotherUserAlreadyLoggedIn": "CKR_USER_ANOTHER_ALREADY_LOGGED_IN",
+    "TokenNotRecognised": "CKR_TOKEN_NOT_RECOGNIZED",
+}
+# Raised by python-pkcs11 itself, not by the token.
+_LIBRARY_SIDE_ERRORS = {
+    "PKCS11Error",
+    "NoSuchKey",
+    "NoSuchToken",
+    "MultipleObjectsReturned",
+    "MultipleTokensReturned",
+}
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def ckr_name(exc: BaseException) -> str | None:
+    """The ``CKR_*`` name behind a python-pkcs11 exception, or None if it has none."""
+    name = type(exc).__name__
+    if name in _CKR_NAME_OVERRIDES:
+        return _CKR_NAME_OVERRIDES[name]
+    if name in _LIBRARY_SIDE_ERRORS or not isinstance(exc, pkcs11.PKCS11Error):
+        return None
+    return "CKR_" + _CAMEL_BOUNDARY.sub("_", name).upper()
+
+
+def mechanism_name(mechanism: int) -> str:
+    """``CKM_*`` name of a mechanism number (vendor mechanisms come out as hex)."""
+    try:
+        # python-pkcs11 prefixes deprecated mechanisms with '_' (e.g. _DES_CBC).
+        return "CKM_" + Mechanism(mechanism).name.lstrip("_")
+    except ValueError:
+        return f"CKM_VENDOR_0x{int(mechanism):08x}"
+
+
+def _describe_error(exc: BaseException) -> str:
+    ckr = ckr_name(exc)
+    detail = str(exc)
+    if ckr and detail:
+        return f"{ckr} ({detail})"
+    return ckr or detail or type(exc).__name__
+
+
+def _minimal_be(value: bytes) -> bytes:
+    stripped = value.lstrip(b"\x00")
+    return stripped or b"\x00"
+
+
+def _unwrap_octet_string(value: bytes) -> bytes | None:
+    """Content of a DER OCTET STRING spanning all of ``value``, or None if it is not one."""
+    if len(value) < 2 or value[0] != 0x04:
+        return None
+    first = value[1]
+    if first < 0x80:
+        length, start = first, 2
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4 or len(value) < 2 + count:
+            return None
+        length, start = int.from_bytes(value[2 : 2 + count], "big"), 2 + count
+    if start + length != len(value):
+        return None
+    return value[start:]
+
+
+def _sec1_point(value: bytes, curve: _Curve | None) -> bytes:
+    """The SEC1 point inside CKA_EC_POINT.
+
+    PKCS#11 says CKA_EC_POINT is a DER OCTET STRING around the point (SoftHSM does that), but
+    some tokens hand out the bare point; a bare uncompressed point of the curve's exact size is
+    taken as is so that it is never mistaken for a wrapper.
+    """
+    if curve is not None and len(value) == 2 * curve.field_len + 1 and value[0] == 0x04:
+        return value
+    inner = _unwrap_octet_string(value)
+    if inner is not None and inner and inner[0] in (0x02, 0x03, 0x04):
+        return inner
+    if value and value[0] in (0x02, 0x03, 0x04):
+        return value
+    raise Pkcs11Error(f"CKA_EC_POINT of {len(value)} bytes is not a SEC1 point")
+
+
+def _compress_point(point: bytes) -> bytes:
+    if point[0] in (0x02, 0x03):
+        return point
+    if point[0] != 0x04 or len(point) % 2 != 1:
+        raise Pkcs11Error("CKA_EC_POINT holds a malformed uncompressed point")
+    coord_len = (len(point) - 1) // 2
+    x, y = point[1 : 1 + coord_len], point[1 + coord_len :]
+    return bytes([0x02 | (y[-1] & 1)]) + x
+
+
+def _key_type(obj: Any) -> KeyType | None:
+    try:
+        return obj[Attribute.KEY_TYPE]
+    except ValueError:
+        # A vendor key type python-pkcs11 has no enum member for.
+        return None
+
+
+class _CkGcmParams(ctypes.Structure):
+    # CK_GCM_PARAMS as PKCS#11 v2.40 lays it out, which is what python-pkcs11 and SoftHSM use.
+    _fields_ = [
+        ("iv", ctypes.c_void_p),
+        ("iv_len", ctypes.c_ulong),
+        ("iv_bits", ctypes.c_ulong),
+        ("aad", ctypes.c_void_p),
+        ("aad_len", ctypes.c_ulong),
+        ("tag_bits", ctypes.c_ulong),
+    ]
+
+
+def _gcm_param(iv: bytes, aad: bytes) -> tuple[Any, Any]:
+    """Mechanism parameter for AES-GCM plus whatever must stay alive until the call returns.
+
+    python-pkcs11's GCMParams refuses IVs longer than 12 bytes, but GCM (and OpenSSL, which the
+    filesystem keys use) accept any IV length, so longer IVs are passed as a raw CK_GCM_PARAMS.
+    """
+    if len(iv) <= 12:
+        return pkcs11.GCMParams(iv, aad or None, GCM_TAG_LEN * 8), None
+    iv_buf = ctypes.create_string_buffer(iv, len(iv))
+    aad_buf = ctypes.create_string_buffer(aad, len(aad)) if aad else None
+    params = _CkGcmParams(
+        ctypes.addressof(iv_buf),
+        len(iv),
+        len(iv) * 8,
+        ctypes.addressof(aad_buf) if aad_buf is not None else None,
+        len(aad),
+        GCM_TAG_LEN * 8,
+    )
+    return bytes(params), (iv_buf, aad_buf)
+
+
+def _secret_kind(usage: Iterable[str]) -> Literal["hmac", "aes"]:
+    wanted = set(usage)
+    if wanted and wanted <= {"derive", "sign"}:
+        return "hmac"
+    if wanted == {"encrypt"}:
+        return "aes"
+    raise InvalidParameter(
+        f"key usage {','.join(sorted(wanted)) or '(empty)'} cannot be stored on a PKCS#11 token: "
+        "use derive and/or sign (HMAC key) or encrypt alone (AES key)"
+    )
+
+
+@attrs.define
+class _SlotState:
+    slot_id: int
+    token_label: str
+    session: Any  # pkcs11.Session; typed loosely because the Cython class has no stub
+    mechanisms: frozenset[int] | None  # None: the token would not list them
+    logged_in: bool
+
+    def describe(self) -> str:
+        return f"token {self.token_label!r} (slot {self.slot_id})"
+
+
+class Pkcs11Library:
+    """All token work for one PKCS#11 module. Call it from one thread only (see module doc)."""
+
+    def __init__(self, lib_path: str) -> None:
+        self._path = lib_path
+        try:
+            self._lib = pkcs11.lib(lib_path)
+        except Exception as exc:  # dlopen failures come as message-only PKCS11Error, others vary
+            raise Pkcs11Error(
+                f"could not load PKCS#11 library {lib_path!r}: {_describe_error(exc)}",
+                ckr=ckr_name(exc),
+            ) from exc
+        self._sessions: dict[int, _SlotState] = {}
+        self._token_slots: dict[str, int] = {}
+        self._mechanisms: dict[int, frozenset[int] | None] = {}
+        log.info(
+            "loaded PKCS#11 library %s (%s, %s)",
+            lib_path,
+            self._lib.manufacturer_id,
+            self._lib.library_description,
+        )
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def close(self) -> None:
+        """Close every cached session (logging out); the object stays usable afterwards."""
+        for state in list(self._sessions.values()):
+            self._forget(state)
+
+    # ----------------------------------------------------------------------------------------
+    # Queries
+
+    def mechanisms(self, uri: Pkcs11Uri) -> list[str]:
+        """Sorted ``CKM_*`` names the token offers (empty if it would not list them)."""
+        state = self._state(uri)
+        return sorted(mechanism_name(m) for m in state.mechanisms or ())
+
+    def find_key_pair(self, uri: Pkcs11Uri, label: str) -> bool:
+        """Whether a private key labelled ``label`` is on the token."""
+        _check_label(label)
+        return self._run(
+            uri,
+            f"looking up key pair {label!r}",
+            lambda st: self._find_one(st, ObjectClass.PRIVATE_KEY, label) is not None,
+        )
+
+    def find_secret(self, uri: Pkcs11Uri, label: str) -> bool:
+        """Whether a secret key labelled ``label`` is on the token."""
+        _check_label(label)
+        return self._run(
+            uri,
+            f"looking up secret key {label!r}",
+            lambda st: self._find_one(st, ObjectClass.SECRET_KEY, label) is not None,
+        )
+
+    def public_parameters(self, uri: Pkcs11Uri, label: str) -> PublicParameters:
+        """Public parameters of key pair ``label``; KeyNotFound if it is missing."""
+        _check_label(label)
+        return self._run(
+            uri, f"reading public key {label!r}", lambda st: self._public_parameters(st, label)
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Key creation
+
+    def generate_key_pair(
+        self, uri: Pkcs11Uri, label: str, algorithms: Iterable[str]
+    ) -> KeyPairAlgorithm:
+        """Generate a key pair with the first of ``algorithms`` the token manages; return it.
+
+        KeyExists if a private key with that label is already there; InvalidParameter naming
+        every algorithm tried (and why it failed) if none worked.
+        """
+        _check_label(label)
+        wanted = list(dict.fromkeys(algorithms))
+        if not wanted:
+            raise InvalidParameter("no key pair algorithm was requested")
+        return self._run(
+            uri,
+            f"generating key pair {label!r}",
+            lambda st: self._generate_key_pair(st, label, wanted),
+        )
+
+    def generate_secret(self, uri: Pkcs11Uri, label: str, usage: Iterable[str]) -> str:
+        """Generate a secret key for ``usage``; return its kind (``hmac-256``/``aes-256``/…).
+
+        derive/sign → 32-byte generic-secret HMAC key; encrypt → AES-256 (AES-128 if the token
+        cannot), checked with a test AES-GCM encryption. KeyExists if the label is taken.
+        """
+        _check_label(label)
+        kind = _secret_kind(usage)
+        return self._run(
+            uri,
+            f"generating secret key {label!r}",
+            lambda st: self._generate_secret(st, label, kind),
+        )
+
+    def import_secret(
+        self, uri: Pkcs11Uri, label: str, key_bytes: bytes, usage: Iterable[str]
+    ) -> str:
+        """Store ``key_bytes`` as secret key ``label``, replacing any secret with that label.
+
+        The old key is only deleted once the new one has been created (and, for AES, passed the
+        test encryption), so a failed import leaves the previous key in place.
+        """
+        _check_label(label)
+        kind = _secret_kind(usage)
+        if not key_bytes:
+            raise InvalidParameter("cannot import an empty key")
+        if kind == "aes" and len(key_bytes) not in (16, 24, 32):
+            raise InvalidParameter(
+                f"an AES key must be 16, 24 or 32 bytes long, not {len(key_bytes)}"
+            )
+        return self._run(
+            uri,
+            f"importing secret key {label!r}",
+            lambda st: self._import_secret(st, label, key_bytes, kind),
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Key management
+
+    def delete(self, uri: Pkcs11Uri, label: str, kind: ObjectKind) -> int:
+        """Delete every object of ``kind`` labelled ``label``; return how many went (0 is fine)."""
+        _check_label(label)
+        classes = _classes_for(kind)
+
+        def op(st: _SlotState) -> int:
+            count = self._destroy(st, classes, label)
+            log.info("deleted %d %s object(s) labelled %r on %s", count, kind, label, st.describe())
+            return count
+
+        return self._run(uri, f"deleting {kind} {label!r}", op)
+
+    def move_key_pair(self, uri: Pkcs11Uri, from_label: str, to_label: str) -> None:
+        """Relabel key pair ``from_label`` as ``to_label``, first deleting any ``to_label`` pair.
+
+        KeyNotFound (and nothing deleted) if ``from_label`` has no private key.
+        """
+        _check_label(from_label)
+        _check_label(to_label)
+        if from_label == to_label:
+            raise InvalidParameter("source and destination for move are identical")
+        return self._run(
+            uri,
+            f"moving key pair {from_label!r} to {to_label!r}",
+            lambda st: self._move_key_pair(st, from_label, to_label),
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Cryptographic operations
+
+    def sign_ecdsa(self, uri: Pkcs11Uri, label: str, digest: bytes) -> bytes:
+        """ECDSA over ``digest`` as given (no hashing); DER ECDSA-Sig-Value."""
+        _check_label(label)
+        if not digest:
+            raise InvalidParameter("ECDSA needs a non-empty digest")
+        return self._run(
+            uri, f"ECDSA signing with {label!r}", lambda st: self._sign_ecdsa(st, label, digest)
+        )
+
+    def hmac_sha256(self, uri: Pkcs11Uri, label: str, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message`` with secret key ``label`` (32 bytes)."""
+        _check_label(label)
+        return self._run(
+            uri, f"HMAC-SHA256 with {label!r}", lambda st: self._hmac(st, label, message)
+        )
+
+    def aes_gcm_encrypt(
+        self, uri: Pkcs11Uri, label: str, iv: bytes, aad: bytes, plaintext: bytes
+    ) -> bytes:
+        """AES-GCM encryption with a 16-byte tag; returns ciphertext || tag."""
+        _check_label(label)
+        if not iv:
+            raise InvalidParameter("AES-GCM needs a non-empty IV")
+        return self._run(
+            uri,
+            f"AES-GCM encryption with {label!r}",
+            lambda st: self._aes_gcm(st, label, iv, aad, plaintext, encrypt=True),
+        )
+
+    def aes_gcm_decrypt(
+        self, uri: Pkcs11Uri, label: str, iv: bytes, aad: bytes, ciphertext_and_tag: bytes
+    ) -> bytes:
+        """Inverse of :meth:`aes_gcm_encrypt`. A wrong tag surfaces as a token error."""
+        _check_label(label)
+        if not iv:
+            raise InvalidParameter("AES-GCM needs a non-empty IV")
+        if len(ciphertext_and_tag) < GCM_TAG_LEN:
+            raise InvalidParameter(
+                f"AES-GCM ciphertext must include the {GCM_TAG_LEN}-byte tag, "
+                f"got {len(ciphertext_and_tag)} bytes"
+            )
+        return self._run(
+            uri,
+            f"AES-GCM decryption with {label!r}",
+            lambda st: self._aes_gcm(st, label, iv, aad, ciphertext_and_tag, encrypt=False),
+        )
+
+    def rsa_private(self, uri: Pkcs11Uri, label: str, data: bytes, padding: RsaPadding) -> bytes:
+        """RSA private-key operation (OpenSSL ``RSA_private_encrypt``) on ``data``.
+
+        ``pkcs1``: PKCS#1 v1.5 type-1 padding (CKM_RSA_PKCS); ``none``: raw (CKM_RSA_X_509),
+        ``data`` must be exactly the modulus length. Output is always modulus-length. Input
+        that does not fit is a plain Pkcs11Error (keyd answers 500 there, like the original).
+        """
+        _check_label(label)
+        if padding not in ("pkcs1", "none"):
+            raise InvalidParameter(f"unknown RSA padding {padding!r}")
+        return self._run(
+            uri,
+            f"RSA private operation with {label!r}",
+            lambda st: self._rsa_private(st, label, data, padding),
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Sessions
+
+    def _run(self, uri: Pkcs11Uri, what: str, op: Callable[[_SlotState], T]) -> T:
+        state = self._state(uri)
+        try:
+            return op(state)
+        except _RECONNECT_ERRORS as exc:
+            log.warning(
+                "%s on %s failed with %s; reopening the session and retrying once",
+                what,
+                state.describe(),
+                _describe_error(exc),
+            )
+            self._forget(state)
+        except pkcs11.PKCS11Error as exc:
+            raise self._token_error(exc, what, state, uri) from exc
+        state = self._state(uri)
+        try:
+            return op(state)
+        except pkcs11.PKCS11Error as exc:
+            raise self._token_error(exc, what, state, uri) from exc
+
+    def _token_error(
+        self, exc: Exception, what: str, state: _SlotState, uri: Pkcs11Uri
+    ) -> Pkcs11Error:
+        message = f"{what} on {state.describe()} failed: {_describe_error(exc)}"
+        if isinstance(exc, p11x.UserNotLoggedIn) and uri.pin is None:
+            message += " (the PKCS#11 URI has no pin-value, so keyd did not log in)"
+        return Pkcs11Error(message, ckr=ckr_name(exc))
+
+    def _state(self, uri: Pkcs11Uri) -> _SlotState:
+        if not self._lib.initialized:
+            # Someone finalized the module (python-pkcs11 shares one lib object per path in the
+            # process); every handle we hold died with it.
+            self._sessions.clear()
+            self._token_slots.clear()
+            try:
+                self._lib.initialize()
+            except pkcs11.PKCS11Error as exc:
+                raise Pkcs11Error(
+                    f"could not initialize PKCS#11 library {self._path!r}: {_describe_error(exc)}",
+                    ckr=ckr_name(exc),
+                ) from exc
+        slot_id = uri.slot_id
+        if slot_id is None and uri.token is not None:
+            slot_id = self._token_slots.get(uri.token)
+        cached = self._sessions.get(slot_id) if slot_id is not None else None
+        if cached is not None:
+            if cached.logged_in or uri.pin is None:
+                return cached
+            # Opened earlier through a URI without a PIN; this one can see private objects.
+            self._forget(cached)
+        return self._open(uri)
+
+    def _forget(self, state: _SlotState) -> None:
+        self._sessions.pop(state.slot_id, None)
+        for label, slot_id in list(self._token_slots.items()):
+            if slot_id == state.slot_id:
+                del self._token_slots[label]
+        try:
+            state.session.close()
+        except pkcs11.PKCS11Error as exc:
+            # Expected when the session is already gone; that is why we are dropping it.
+            log.debug("closing session on %s: %s", state.describe(), _describe_error(exc))
+
+    def _open(self, uri: Pkcs11Uri) -> _SlotState:
+        token = self._find_token(uri)
+        slot_id = int(token.slot.slot_id)
+        cached = self._sessions.get(slot_id)
+        if cached is not None:
+            if cached.logged_in or uri.pin is None:
+                # The same slot, reached through the other spelling (slot-id vs token label).
+                self._remember_token_label(uri, slot_id)
+                return cached
+            self._forget(cached)
+        label = token.label
+        where = f"token {label!r} (slot {slot_id})"
+        try:
+            session = token.open(rw=True, user_pin=uri.pin)
+        except _PIN_ERRORS as exc:
+            raise Pkcs11Error(
+                f"the PIN was rejected for {where}: {_describe_error(exc)}", ckr=ckr_name(exc)
+            ) from exc
+        except p11x.UserAlreadyLoggedIn:
+            # Login state is per application and token, so another session of this process is
+            # already logged in and a fresh session shares that. (The session python-pkcs11
+            # opened for the failed login stays open; it has no handle we could close.)
+            log.debug("%s is already logged in; opening a session without logging in", where)
+            session = self._call_token(lambda: token.open(rw=True), f"opening a session on {where}")
+        except pkcs11.PKCS11Error as exc:
+            raise Pkcs11Error(
+                f"opening a session on {where} failed: {_describe_error(exc)}", ckr=ckr_name(exc)
+            ) from exc
+
+        if slot_id not in self._mechanisms:
+            self._mechanisms[slot_id] = self._probe_mechanisms(token.slot, where)
+        logged_in = uri.pin is not None
+        state = _SlotState(slot_id, label, session, self._mechanisms[slot_id], logged_in)
+        self._sessions[slot_id] = state
+        self._remember_token_label(uri, slot_id)
+        log.info("opened a session on %s (%s)", where, "logged in" if logged_in else "no PIN")
+        return state
+
+    def _remember_token_label(self, uri: Pkcs11Uri, slot_id: int) -> None:
+        if uri.slot_id is None and uri.token is not None:
+            self._token_slots[uri.token] = slot_id
+
+    def _call_token(self, fn: Callable[[], T], what: str) -> T:
+        try:
+            return fn()
+        except pkcs11.PKCS11Error as exc:
+            raise Pkcs11Error(f"{what} failed: {_describe_error(exc)}", ckr=ckr_name(exc)) from exc
+
+    def _probe_mechanisms(self, slot: Any, where: str) -> frozenset[int] | None:
+        try:
+            found = frozenset(int(m) for m in slot.get_mechanisms())
+        except pkcs11.PKCS11Error as exc:
+            log.warning(
+                "%s would not list its mechanisms (%s); operations will be attempted blindly",
+                where,
+                _describe_error(exc),
+            )
+            return None
+        log.info(
+            "%s supports %d mechanisms: %s",
+            where,
+            len(found),
+            " ".join(sorted(mechanism_name(m) for m in found)),
+        )
+        return found
+
+    def _find_token(self, uri: Pkcs11Uri) -> Any:
+        slots = self._call_token(self._lib.get_slots, f"listing slots of {self._path}")
+        if uri.slot_id is not None:
+            searched = f"slot-id {uri.slot_id}"
+            candidates = [s for s in slots if int(s.slot_id) == uri.slot_id]
+            if not candidates:
+                raise Pkcs11Error(
+                    f"no PKCS#11 slot with {searched} in {self._path}; {self._inventory(slots)}"
+                )
+            try:
+                token = candidates[0].get_token()
+            except (p11x.TokenNotPresent, p11x.TokenNotRecognised) as exc:
+                raise Pkcs11Error(
+                    f"PKCS#11 slot {uri.slot_id} in {self._path} has no usable token "
+                    f"({_describe_error(exc)}); {self._inventory(slots)}",
+                    ckr=ckr_name(exc),
+                ) from exc
+            except pkcs11.PKCS11Error as exc:
+                raise Pkcs11Error(
+                    f"reading the token in slot {uri.slot_id} failed: {_describe_error(exc)}",
+                    ckr=ckr_name(exc),
+                ) from exc
+        else:
+            searched = f"token label {uri.token!r}"
+            matches = []
+            for slot in slots:
+                try:
+                    candidate = slot.get_token()
+                except pkcs11.PKCS11Error:
+                    continue  # empty reader slots are normal; _inventory reports them
+                if candidate.label == uri.token:
+                    matches.append(candidate)
+            if not matches:
+                raise Pkcs11Error(
+                    f"no PKCS#11 token with {searched} in {self._path}; {self._inventory(slots)}"
+                )
+            if len(matches) > 1:
+                log.warning(
+                    "%d tokens are labelled %r; using the one in slot %d",
+                    len(matches),
+                    uri.token,
+                    matches[0].slot.slot_id,
+                )
+            token = matches[0]
+        if not token.flags & TokenFlag.TOKEN_INITIALIZED:
+            raise Pkcs11Error(
+                f"the PKCS#11 token found by {searched} (slot {token.slot.slot_id}) "
+                "is not initialized"
+            )
+        return token
+
+    @staticmethod
+    def _inventory(slots: list[Any]) -> str:
+        if not slots:
+            return "the library reports no slots at all"
+        entries = []
+        for slot in slots:
+            try:
+                token = slot.get_token()
+            except pkcs11.PKCS11Error:
+                entries.append(f"slot {slot.slot_id}: no token")
+                continue
+            if token.flags & TokenFlag.TOKEN_INITIALIZED:
+                entries.append(f"slot {slot.slot_id}: token {token.label!r}")
+            else:
+                entries.append(f"slot {slot.slot_id}: uninitialized token")
+        return "present: " + ", ".join(entries)
+
+    def _require(self, state: _SlotState, mechanism: Mechanism, what: str) -> None:
+        if state.mechanisms is not None and int(mechanism) not in state.mechanisms:
+            name = mechanism_name(mechanism)
+            raise MechanismMissing(
+                f"{state.describe()} does not support {name}, which {what} needs",
+                mechanism=name,
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # Objects
+
+    @staticmethod
+    def _find_all(state: _SlotState, cls: ObjectClass, label: str) -> list[Any]:
+        return list(state.session.get_objects({Attribute.CLASS: cls, Attribute.LABEL: label}))
+
+    def _find_one(self, state: _SlotState, cls: ObjectClass, label: str) -> Any | None:
+        found = self._find_all(state, cls, label)
+        if len(found) > 1:
+            log.warning(
+                "%d %s objects are labelled %r on %s; using the first",
+                len(found),
+                cls.name,
+                label,
+                state.describe(),
+            )
+        return found[0] if found else None
+
+    def _private_key(self, state: _SlotState, label: str) -> Any:
+        key = self._find_one(state, ObjectClass.PRIVATE_KEY, label)
+        if key is None:
+            raise KeyNotFound(f"no key pair labelled {label!r} on {state.describe()}")
+        return key
+
+    def _secret_key(self, state: _SlotState, label: str) -> Any:
+        key = self._find_one(state, ObjectClass.SECRET_KEY, label)
+        if key is None:
+            raise KeyNotFound(f"no secret key labelled {label!r} on {state.describe()}")
+        return key
+
+    def _public_key(self, state: _SlotState, label: str, private: Any) -> Any | None:
+        found = self._find_all(state, ObjectClass.PUBLIC_KEY, label)
+        if len(found) > 1:
+            # Prefer the half that shares the private key's CKA_ID.
+            key_id = private[Attribute.ID]
+            found.sort(key=lambda obj: obj[Attribute.ID] != key_id)
+        return found[0] if found else None
+
+    def _destroy(
+        self,
+        state: _SlotState,
+        classes: Iterable[ObjectClass],
+        label: str,
+        keep: int | None = None,
+    ) -> int:
+        count = 0
+        for cls in classes:
+            for obj in self._find_all(state, cls, label):
+                if keep is not None and obj.handle == keep:
+                    continue
+                obj.destroy()
+                count += 1
+        return count
+
+    def _public_parameters(self, state: _SlotState, label: str) -> PublicParameters:
+        private = self._private_key(state, label)
+        key_type = _key_type(private)
+        public = self._public_key(state, label, private)
+        if key_type == KeyType.RSA:
+            # Private RSA objects carry the public numbers too, so a token holding only the
+            # private half still works.
+            source = public if public is not None else private
+            modulus, exponent = source[Attribute.MODULUS], source[Attribute.PUBLIC_EXPONENT]
+            return PublicParameters(
+                "RSA", modulus=_minimal_be(modulus), exponent=_minimal_be(exponent)
+            )
+        if key_type == KeyType.EC:
+            if public is None:
+                raise KeyNotFound(
+                    f"key pair {label!r} on {state.describe()} has no public key object, "
+                    "so its EC point is unknown"
+                )
+            curve_oid = public[Attribute.EC_PARAMS]
+            point = _sec1_point(public[Attribute.EC_POINT], _CURVES.get(curve_oid))
+            return PublicParameters("ECDSA", curve_oid=curve_oid, ec_point=_compress_point(point))
+        raise InvalidParameter(
+            f"key pair {label!r} on {state.describe()} is neither EC nor RSA ({key_type})"
+        )
+
+    def _generate_key_pair(
+        self, state: _SlotState, label: str, algorithms: list[str]
+    ) -> KeyPairAlgorithm:
+        if self._find_one(state, ObjectClass.PRIVATE_KEY, label) is not None:
+            raise KeyExists(f"key pair {label!r} already exists on {state.describe()}")
+        # A public half without its private key is a leftover of an interrupted operation.
+        stale = self._destroy(state, [ObjectClass.PUBLIC_KEY], label)
+        if stale:
+            log.warning("removed %d orphaned public key(s) labelled %r", stale, label)
+
+        failures: list[str] = []
+        for algorithm in algorithms:
+            spec = _PAIR_SPECS.get(algorithm)
+            if spec is None:
+                failures.append(f"{algorithm}: unknown algorithm")
+                continue
+            if state.mechanisms is not None and int(spec.generator) not in state.mechanisms:
+                failures.append(f"{algorithm}: token lacks {mechanism_name(spec.generator)}")
+                continue
+            try:
+                self._generate_pair_objects(state, label, spec)
+            except _RECONNECT_ERRORS:
+                raise
+            except pkcs11.PKCS11Error as exc:
+                failures.append(f"{algorithm}: {_describe_error(exc)}")
+                # Tokens should not leave half a pair behind on failure, but some do.
+                self._destroy(state, [ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY], label)
+                continue
+            log.info("generated %s key pair %r on %s", algorithm, label, state.describe())
+            return cast(KeyPairAlgorithm, algorithm)
+        raise InvalidParameter(
+            f"could not generate key pair {label!r} on {state.describe()} with any requested "
+            f"algorithm: {'; '.join(failures)}"
+        )
+
+    @staticmethod
+    def _generate_pair_objects(state: _SlotState, label: str, spec: _PairSpec) -> None:
+        key_id = secrets.token_bytes(16)
+        is_rsa = spec.key_type == KeyType.RSA
+        public: dict[Attribute, Any] = {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: False,
+            Attribute.VERIFY: True,
+            Attribute.ENCRYPT: is_rsa,
+            Attribute.WRAP: False,
+            Attribute.DERIVE: False,
+        }
+        private: dict[Attribute, Any] = {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True,
+            # CKM_RSA_X_509 / raw private operations are decrypt-class on some tokens.
+            Attribute.DECRYPT: is_rsa,
+            Attribute.UNWRAP: False,
+            Attribute.DERIVE: False,
+        }
+        if spec.ec_params is not None:
+            public[Attribute.EC_PARAMS] = spec.ec_params
+        if is_rsa:
+            public[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
+        state.session.generate_keypair(
+            spec.key_type,
+            spec.modulus_bits,
+            id=key_id,
+            label=label,
+            store=True,
+            capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+            mechanism=spec.generator,
+            public_template=public,
+            private_template=private,
+        )
+
+    @staticmethod
+    def _secret_template(kind: Literal["hmac", "aes"], label: str) -> dict[Attribute, Any]:
+        hmac = kind == "hmac"
+        return {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.GENERIC_SECRET if hmac else KeyType.AES,
+            Attribute.LABEL: label,
+            Attribute.ID: secrets.token_bytes(16),
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            # Tokens default unspecified capabilities to true (SoftHSM does), so spell out all.
+            Attribute.SIGN: hmac,
+            Attribute.VERIFY: hmac,
+            Attribute.ENCRYPT: not hmac,
+            Attribute.DECRYPT: not hmac,
+            Attribute.WRAP: False,
+            Attribute.UNWRAP: False,
+            Attribute.DERIVE: False,
+        }
+
+    def _generate_secret(self, state: _SlotState, label: str, kind: Literal["hmac", "aes"]) -> str:
+        if self._find_one(state, ObjectClass.SECRET_KEY, label) is not None:
+            raise KeyExists(f"secret key {label!r} already exists on {state.describe()}")
+        template = self._secret_template(kind, label)
+        if kind == "hmac":
+            self._require(state, Mechanism.SHA256_HMAC, "an HMAC key")
+            self._require(state, Mechanism.GENERIC_SECRET_KEY_GEN, "generating an HMAC key")
+            template[Attribute.VALUE_LEN] = 32
+            state.session.generate_key(
+                KeyType.GENERIC_SECRET,
+                256,
+                label=label,
+                store=True,
+                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                template=template,
+            )
+            log.info("generated HMAC key %r on %s", label, state.describe())
+            return "hmac-256"
+
+        self._require(state, Mechanism.AES_GCM, "an AES key")
+        self._require(state, Mechanism.AES_KEY_GEN, "generating an AES key")
+        try:
+            bits, key = 256, self._generate_aes(state, label, template, 256)
+        except _RECONNECT_ERRORS:
+            raise
+        except pkcs11.PKCS11Error as exc:
+            log.info(
+                "%s refused an AES-256 key (%s); trying AES-128",
+                state.describe(),
+                _describe_error(exc),
+            )
+            bits, key = 128, self._generate_aes(state, label, template, 128)
+        self._check_aes_gcm(state, label, key)
+        log.info("generated AES-%d key %r on %s", bits, label, state.describe())
+        return f"aes-{bits}"
+
+    @staticmethod
+    def _generate_aes(
+        state: _SlotState, label: str, template: dict[Attribute, Any], bits: int
+    ) -> Any:
+        template = {**template, Attribute.VALUE_LEN: bits // 8}
+        return state.session.generate_key(
+            KeyType.AES,
+            bits,
+            label=label,
+            store=True,
+            capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+            mechanism=Mechanism.AES_KEY_GEN,
+            template=template,
+        )
+
+    def _import_secret(
+        self, state: _SlotState, label: str, key_bytes: bytes, kind: Literal["hmac", "aes"]
+    ) -> str:
+        if kind == "hmac":
+            self._require(state, Mechanism.SHA256_HMAC, "an HMAC key")
+        else:
+            self._require(state, Mechanism.AES_GCM, "an AES key")
+        template = self._secret_template(kind, label)
+        template[Attribute.VALUE] = key_bytes
+        key = state.session.create_object(template)
+        if kind == "aes":
+            self._check_aes_gcm(state, label, key)
+        replaced = self._destroy(state, [ObjectClass.SECRET_KEY], label, keep=key.handle)
+        log.info(
+            "imported %s key %r on %s (replaced %d old object(s))",
+            kind,
+            label,
+            state.describe(),
+            replaced,
+        )
+        return f"{kind}-{len(key_bytes) * 8}"
+
+    def _check_aes_gcm(self, state: _SlotState, label: str, key: Any) -> None:
+        """Encrypt once with a new AES key; on failure delete it and raise (spec §3.3)."""
+        try:
+            params, _keepalive = _gcm_param(secrets.token_bytes(12), b"")
+            key.encrypt(b"keyd self-test", mechanism=Mechanism.AES_GCM, mechanism_param=params)
+        except pkcs11.PKCS11Error as exc:
+            try:
+                key.destroy()
+            except pkcs11.PKCS11Error as cleanup:
+                log.warning("could not delete AES key %r after failed test: %s", label, cleanup)
+            raise Pkcs11Error(
+                f"test AES-GCM encryption with the new key {label!r} on {state.describe()} "
+                f"failed, so the key was deleted: {_describe_error(exc)}",
+                ckr=ckr_name(exc),
+            ) from exc
+
+    def _move_key_pair(self, state: _SlotState, from_label: str, to_label: str) -> None:
+        self._private_key(state, from_label)  # refuse before touching the destination
+        sources = self._find_all(state, ObjectClass.PRIVATE_KEY, from_label)
+        sources += self._find_all(state, ObjectClass.PUBLIC_KEY, from_label)
+        replaced = self._destroy(state, [ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY], to_label)
+        for obj in sources:
+            obj[Attribute.LABEL] = to_label
+        log.info(
+            "moved key pair %r to %r on %s (replaced %d object(s))",
+            from_label,
+            to_label,
+            state.describe(),
+            replaced,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Operations
+
+    def _sign_ecdsa(self, state: _SlotState, label: str, digest: bytes) -> bytes:
+        key = self._private_key(state, label)
+        if _key_type(key) != KeyType.EC:
+            raise InvalidParameter(f"key pair {label!r} is not an EC key, so it cannot do ECDSA")
+        self._require(state, Mechanism.ECDSA, "ECDSA signing")
+        curve = _CURVES.get(key[Attribute.EC_PARAMS])
+        if curve is not None and len(digest) > curve.field_len:
+            # OpenSSL uses the leftmost order-length bits of a longer digest; not every token
+            # does, so hand over exactly what OpenSSL would use.
+            digest = digest[: curve.field_len]
+        raw = self._sign(key, label, digest, Mechanism.ECDSA)
+        if not raw or len(raw) % 2:
+            raise Pkcs11Error(f"token returned a malformed ECDSA signature ({len(raw)} bytes)")
+        half = len(raw) // 2
+        r = int.from_bytes(raw[:half], "big")
+        s = int.from_bytes(raw[half:], "big")
+        return encode_dss_signature(r, s)
+
+    def _hmac(self, state: _SlotState, label: str, message: bytes) -> bytes:
+        key = self._secret_key(state, label)
+        if _key_type(key) == KeyType.AES:
+            raise InvalidParameter(f"secret key {label!r} is an AES key, not an HMAC key")
+        self._require(state, Mechanism.SHA256_HMAC, "HMAC-SHA256")
+        return self._sign(key, label, message, Mechanism.SHA256_HMAC)
+
+    def _aes_gcm(
+        self,
+        state: _SlotState,
+        label: str,
+        iv: bytes,
+        aad: bytes,
+        data: bytes,
+        *,
+        encrypt: bool,
+    ) -> bytes:
+        key = self._secret_key(state, label)
+        if _key_type(key) != KeyType.AES:
+            raise InvalidParameter(f"secret key {label!r} is not an AES key")
+        self._require(state, Mechanism.AES_GCM, "AES-GCM")
+        params, _keepalive = _gcm_param(iv, aad)
+        method = "encrypt" if encrypt else "decrypt"
+        operation = getattr(key, method, None)
+        if operation is None:
+            raise InvalidParameter(f"secret key {label!r} is not allowed to {method}")
+        return bytes(operation(data, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+
+    def _rsa_private(
+        self, state: _SlotState, label: str, data: bytes, padding: RsaPadding
+    ) -> bytes:
+        key = self._private_key(state, label)
+        if _key_type(key) != KeyType.RSA:
+            raise InvalidParameter(f"key pair {label!r} is not an RSA key")
+        modulus_len = len(_minimal_be(key[Attribute.MODULUS]))
+        if padding == "pkcs1":
+            mechanism = Mechanism.RSA_PKCS
+            if len(data) > modulus_len - 11:
+                raise Pkcs11Error(
+                    f"{len(data)} bytes are too many for PKCS#1 v1.5 padding with a "
+                    f"{modulus_len}-byte modulus (at most {modulus_len - 11})"
+                )
+        else:
+            mechanism = Mechanism.RSA_X_509
+            if len(data) != modulus_len:
+                raise Pkcs11Error(
+                    f"unpadded RSA input must be exactly {modulus_len} bytes, not {len(data)}"
+                )
+        self._require(state, mechanism, "this RSA private-key operation")
+        out = self._sign(key, label, data, mechanism)
+        # Leading zero bytes are dropped by some tokens; OpenSSL always returns modulus length.
+        return out.rjust(modulus_len, b"\x00")
+
+    @staticmethod
+    def _sign(key: Any, label: str, data: bytes, mechanism: Mechanism) -> bytes:
+        sign = getattr(key, "sign", None)
+        if sign is None:
+            # python-pkcs11 only gives objects with CKA_SIGN=true a sign method.
+            raise InvalidParameter(f"key {label!r} is not allowed to sign (CKA_SIGN is false)")
+        return bytes(sign(data, mechanism=mechanism))
+
+
+def _check_label(label: str) -> None:
+    if not label:
+        raise InvalidParameter("a key label must not be empty")
+    if "\x00" in label:
+        raise InvalidParameter("a key label must not contain NUL")
+
+
+def _classes_for(kind: ObjectKind) -> list[ObjectClass]:
+    if kind == "key_pair":
+        return [ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY]
+    if kind == "secret":
+        return [ObjectClass.SECRET_KEY]
+    raise InvalidParameter(f"unknown key kind {kind!r}")
