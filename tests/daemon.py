@@ -18,7 +18,13 @@ KEYD_VERSION = "2021-05-01"
 class Keyd:
     """An aziotd process serving keyd from `root`; restartable with the same state."""
 
-    def __init__(self, root: Path, extra_config: str = "", env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        extra_config: str = "",
+        env: dict[str, str] | None = None,
+        top_config: str = "",
+    ):
         self.root = root
         self.home = root / "home"
         self.keys_dir = self.home / "keys"
@@ -31,7 +37,9 @@ class Keyd:
         self.process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
         self.config_dir.mkdir(exist_ok=True)
-        self.config.write_text(f'[aziot_keys]\nhomedir_path = "{self.home}"\n{extra_config}')
+        self.config.write_text(
+            f'{top_config}[aziot_keys]\nhomedir_path = "{self.home}"\n{extra_config}'
+        )
 
     def environ(self) -> dict[str, str]:
         environ = dict(os.environ)
