@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import trio
 
@@ -32,6 +31,8 @@ EXIT_CRASHED = 70  # EX_SOFTWARE
 
 
 def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # 30 ms: only when asked
+
     try:
         return version("aziot-py")
     except PackageNotFoundError:
