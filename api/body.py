@@ -54,7 +54,11 @@ def parse_json(raw: bytes) -> Any:
             f"EOF while parsing a value at line {len(lines)} column {len(lines[-1])}"
         )
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except JsonSyntaxError:
+        raise
+    except ShapeError as error:
+        raise JsonSyntaxError(f"{error} at {_end_position(text)}") from None
     except json.JSONDecodeError as error:
         match = _PY_JSON_ERROR.match(str(error))
         what = match["what"] if match else error.msg
@@ -62,6 +66,17 @@ def parse_json(raw: bytes) -> Any:
         if error.pos >= len(text.rstrip()):
             wording = "EOF while parsing a value"
         raise JsonSyntaxError(f"{wording} at line {error.lineno} column {error.colno}") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """serde's derived structs refuse a repeated field; silently keeping one would let the two
+    implementations act on different values of the same request."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ShapeError(f"duplicate field `{key}`")
+        result[key] = value
+    return result
 
 
 def describe(value: Any) -> str:

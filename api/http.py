@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
@@ -96,15 +97,20 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+_RUST_ESCAPES = {"\0": "\\0", "\t": "\\t", "\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
+# Characters Rust's Debug shows as \u{..}: controls, format, separators, private use, unassigned.
+_RUST_UNPRINTABLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cn", "Cs"})
+
+
 def rust_debug(text: str) -> str:
-    """A string as Rust's `{:?}` shows it: quoted, with `"` and `\\` and controls escaped."""
+    """A string as Rust's `{:?}` shows it: quoted, with quotes, backslashes and unprintables
+    escaped."""
     out = []
     for char in text:
-        if char in '"\\':
-            out.append("\\" + char)
-        elif char in "\n\r\t":
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[char])
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
+        escaped = _RUST_ESCAPES.get(char)
+        if escaped is not None:
+            out.append(escaped)
+        elif char != " " and unicodedata.category(char) in _RUST_UNPRINTABLE:
             out.append(f"\\u{{{ord(char):x}}}")
         else:
             out.append(char)

@@ -66,9 +66,16 @@ def parse_key_pair(data: bytes) -> PrivateKey | None:
     return key if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) else None
 
 
+def _aes256(key: bytes) -> AESGCM:
+    if len(key) != 32:  # AESGCM would quietly run AES-128 or AES-192
+        raise external(f"AES-256-GCM needs a 32-byte key, this one has {len(key)} bytes")
+    return AESGCM(key)
+
+
 def aead_encrypt(key: bytes, iv: bytes, aad: bytes, plaintext: bytes) -> bytes:
+    cipher = _aes256(key)
     try:
-        sealed = AESGCM(key).encrypt(iv, plaintext, aad)
+        sealed = cipher.encrypt(iv, plaintext, aad)
     except ValueError as error:
         raise external(f"AES-256-GCM encryption failed: {error}") from None
     return b"\x02" + sealed
@@ -84,8 +91,9 @@ def aead_decrypt(key: bytes, iv: bytes, aad: bytes, ciphertext: bytes) -> bytes:
         raise bad_parameter("ciphertext is shorter than its tag")
     if version == 1:  # IoT Edge 1.1 wrote the tag first
         rest = rest[_TAG_LEN:] + rest[:_TAG_LEN]
+    cipher = _aes256(key)
     try:
-        return AESGCM(key).decrypt(iv, rest, aad)
+        return cipher.decrypt(iv, rest, aad)
     except InvalidTag:
         raise external("AEAD tag mismatch") from None
     except ValueError as error:
