@@ -22,22 +22,25 @@ class ErrorKind(enum.StrEnum):
 class BusError(Exception):
     """An error reply: a kind the caller can act on and a message a person can read."""
 
-    def __init__(self, kind: ErrorKind | str, message: str) -> None:
+    def __init__(self, kind: ErrorKind | str, message: str, code: str = "") -> None:
         super().__init__(message)
         self.kind = ErrorKind(kind)
         self.message = message
+        # A machine-readable refinement of `kind` for the calling actor (never shown to clients).
+        self.code = code
 
     def __repr__(self) -> str:
-        return f"BusError({self.kind.value!r}, {self.message!r})"
+        return f"BusError({self.kind.value!r}, {self.message!r}, {self.code!r})"
 
     def to_wire(self) -> list[str]:
-        return [self.kind.value, self.message]
+        return [self.kind.value, self.message, self.code]
 
     @classmethod
     def from_wire(cls, wire: list[str]) -> BusError:
-        kind, message = wire
+        kind, message, *rest = wire
+        code = rest[0] if rest else ""
         try:
-            return cls(kind, message)
+            return cls(kind, message, code)
         except ValueError:
             return cls(ErrorKind.INTERNAL, f"unknown error kind {kind!r}: {message}")
 

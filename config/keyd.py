@@ -8,6 +8,8 @@ from typing import Any
 import attrs
 import cattrs
 
+from actors.keys.pkcs11.uri import Pkcs11Uri
+
 from .loader import ConfigError, ServicePaths, load_merged
 
 # The names libaziot-keys accepts; any other name makes the original refuse to start.
@@ -64,7 +66,25 @@ def parse_keyd(table: dict[str, Any], source: str) -> KeydConfig:
             f"{source}: [aziot_keys] sets neither homedir_path nor pkcs11_base_slot, "
             "so keyd would have nowhere to keep keys"
         )
+    check_pkcs11_uris(config, source)
     return config
+
+
+def check_pkcs11_uris(config: KeydConfig, source: str) -> None:
+    """A PKCS#11 URI keyd could never use is a start-up error, as in the original."""
+    named = [("aziot_keys.pkcs11_base_slot", config.aziot_keys.get("pkcs11_base_slot"))]
+    named += [
+        (f"preloaded_keys.{key_id}", uri)
+        for key_id, uri in config.preloaded_keys.items()
+        if uri.lower().startswith("pkcs11:")
+    ]
+    for name, uri in named:
+        if uri is None:
+            continue
+        try:
+            Pkcs11Uri.parse(uri)
+        except ValueError as error:
+            raise ConfigError(f"{source}: {name}: {error}") from None
 
 
 def load_keyd(paths: ServicePaths) -> KeydConfig:

@@ -14,7 +14,10 @@ import attrs
 from actors.keys.actor import KeysActor
 from actors.keys.authz import KeyPrincipal
 from actors.keys.messages import Principal, ReloadPrincipals, to_wire
+from actors.keys.pkcs11.uri import Pkcs11Uri
+from actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread
 from actors.keys.store import FileStore
+from actors.keys.token_client import TokenClient, TokenError
 from api.http import ServiceApp
 from api.keyd import KeydApi
 from bus.bus import Bus
@@ -56,15 +59,59 @@ class Service:
     reload: Callable[[Bus], Awaitable[None]]
 
 
+def token_uris(config: KeydConfig) -> list[str]:
+    """Each distinct token keyd is configured to use, as one URI apiece (PINs included)."""
+    uris = [config.aziot_keys.get("pkcs11_base_slot", "")]
+    uris += [u for u in config.preloaded_keys.values() if u.lower().startswith("pkcs11:")]
+    seen: dict[tuple[int | None, str | None], str] = {}
+    for uri in filter(None, uris):
+        parsed = Pkcs11Uri.parse(uri)
+        seen.setdefault((parsed.slot_id, parsed.token), uri)
+    return list(seen.values())
+
+
+async def probe_tokens(token: TokenClient, uris: list[str]) -> None:
+    """Open each token once at start: its mechanisms are logged, or why it cannot be used."""
+    for uri in uris:
+        where = Pkcs11Uri.parse(uri)
+        try:
+            mechanisms = await token.mechanisms(uri)
+        except TokenError as error:
+            log.error(
+                "keyd: PKCS#11 token %s is unavailable; keys on it will fail until it is "
+                "fixed, other keys are served: %s",
+                where.redacted(),
+                error.error.message,
+            )
+            continue
+        log.info(
+            "keyd: PKCS#11 token %s ready with %d mechanisms", where.redacted(), len(mechanisms)
+        )
+
+
 def keyd_service(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, str]) -> Service:
     config = load_keyd(paths)
+    lib_path = config.aziot_keys.get("pkcs11_lib_path")
+    token = TokenClient(bus) if lib_path else None
+    threads: list[TokenThread] = []  # the one library thread, kept across worker restarts
+
+    async def start_pkcs11() -> Pkcs11Worker:
+        assert lib_path is not None
+        if not threads:
+            threads.append(TokenThread(lib_path, faults))
+        return Pkcs11Worker(threads[0])
 
     async def start_keys() -> KeysActor:
         keys_dir = config.homedir / "keys" if config.homedir else None
+        if token is not None:
+            await probe_tokens(token, token_uris(config))
         actor = KeysActor(
             FileStore(keys_dir, faults),
             dict(config.preloaded_keys),
             [KeyPrincipal(p.uid, list(p.keys)) for p in config.principal],
+            token=token,
+            pkcs11_lib_path=lib_path,
+            pkcs11_base_slot=config.aziot_keys.get("pkcs11_base_slot"),
         )
         await actor.start()
         return actor
@@ -80,7 +127,8 @@ def keyd_service(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[st
         paths=paths,
         socket=socket_path("keyd", config.endpoints.aziot_keyd, environ),
         max_connections=config.max_requests,
-        actors=[ActorSpec("keys", start_keys)],
+        actors=[ActorSpec("pkcs11", start_pkcs11)] * bool(lib_path)
+        + [ActorSpec("keys", start_keys)],
         app=KeydApi(bus).app(),
         reload=reload,
     )

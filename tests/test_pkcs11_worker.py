@@ -11,7 +11,7 @@ import trio
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from actors.keys.pkcs11.worker import Pkcs11Worker
+from actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread
 from bus.actor import serve_actor
 from bus.bus import Bus
 from bus.errors import BusError, ErrorKind
@@ -27,7 +27,7 @@ def token(tmp_path: Path):
 
 
 async def run_worker(bus: Bus, faults: Faults, nursery: trio.Nursery) -> Pkcs11Worker:
-    worker = Pkcs11Worker(SOFTHSM_LIB, faults)
+    worker = Pkcs11Worker(TokenThread(SOFTHSM_LIB, faults))
     await nursery.start(serve_actor, bus, "pkcs11", worker, bus.open_mailbox("pkcs11"), faults)
     return worker
 
@@ -93,16 +93,18 @@ async def test_a_hung_token_gives_timeout_and_the_loop_keeps_running(token) -> N
 async def test_a_bad_library_and_a_wrong_pin_are_clear(token) -> None:
     bus = Bus()
     async with trio.open_nursery() as nursery:
-        broken = Pkcs11Worker("/nonexistent/libnothing.so", Faults())
+        broken = Pkcs11Worker(TokenThread("/nonexistent/libnothing.so", Faults()))
         await nursery.start(
             serve_actor, bus, "broken", broken, bus.open_mailbox("broken"), Faults()
         )
         with pytest.raises(BusError) as caught:
             await bus.request("broken", "mechanisms", {"uri": token.uri()})
         assert "/nonexistent/libnothing.so" in caught.value.message
+        assert caught.value.kind is ErrorKind.UNAVAILABLE
         await run_worker(bus, Faults(), nursery)
         wrong = token.uri().replace("pin-value=1234", "pin-value=9999")
         with pytest.raises(BusError) as caught:
             await bus.request("pkcs11", "mechanisms", {"uri": wrong})
         assert "PIN was rejected" in caught.value.message and "9999" not in caught.value.message
+        assert (caught.value.kind, caught.value.code) == (ErrorKind.UNAVAILABLE, "TokenUnavailable")
         nursery.cancel_scope.cancel()

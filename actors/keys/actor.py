@@ -1,17 +1,17 @@
 """The keys actor: key ids to locations, handles, authorization, and the operations of keyd.
 
-It mirrors libaziot-keys' semantics (create-if-absent, import overwrites, one namespace and one
-file per id, the errors that become 400 or 500) on top of `FileStore` and `filecrypto`.
+It mirrors libaziot-keys' semantics (create-if-absent, import overwrites, one namespace per id,
+locations tried in order, the errors that become 400 or 500) on top of `FileStore` and
+`filecrypto` for file keys and of the PKCS#11 worker for keys in a token.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
+import attrs
 import trio
 
 from bus.errors import BusError, internal, invalid, unauthorized
@@ -19,7 +19,15 @@ from bus.errors import BusError, internal, invalid, unauthorized
 from . import filecrypto
 from .authz import KeyAuthorizer, KeyPrincipal
 from .filecrypto import LibError, bad_parameter, external
-from .handles import HANDLE_VALIDATION_KEY_ID, HandleSealer, KeyRef, invalid_handle
+from .handles import (
+    HANDLE_VALIDATION_KEY_ID,
+    HandleSealer,
+    KeyRef,
+    Mac,
+    invalid_handle,
+    software_mac,
+)
+from .locations import FileLocation, Locator, TokenLocation
 from .messages import (
     CreateDerivedKey,
     CreateKey,
@@ -38,6 +46,7 @@ from .messages import (
     from_wire,
 )
 from .store import FileStore
+from .token_client import TokenClient, TokenError
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +82,59 @@ def check_id(key_id: str) -> None:
         )
 
 
+@attrs.frozen
+class Secret:
+    """A symmetric key that was found: its bytes (file) or its place on a token."""
+
+    data: bytes = b""
+    token: TokenLocation | None = None
+
+
+@attrs.frozen
+class Pair:
+    """A key pair that was found: parsed from its file, or its place on a token."""
+
+    key: filecrypto.PrivateKey | None = None
+    token: TokenLocation | None = None
+
+
+def token_parameter(params: dict[str, Any], name: str) -> bytes | str:
+    """`/parameters/{name}` of a key pair on a token, with the file keys' rules."""
+    algorithm = params["algorithm"]
+    if name == "algorithm":
+        return str(algorithm)
+    if name in ("ec-curve-oid", "ec-point"):
+        if algorithm != "ECDSA":
+            raise bad_parameter(f"{name} asked of a non-EC key")
+        if params.get("curve_oid") != filecrypto.P256_OID_DER:
+            raise bad_parameter("only P-256 curves are supported")
+        return filecrypto.P256_OID_DER if name == "ec-curve-oid" else params["ec_point"]
+    if name in ("rsa-modulus", "rsa-exponent"):
+        if algorithm != "RSA":
+            raise bad_parameter(f"{name} asked of a non-RSA key")
+        return params["modulus" if name == "rsa-modulus" else "exponent"]
+    raise bad_parameter(f"unknown parameter {name!r}")
+
+
 class KeysActor:
-    """Owns the key store, the handle sealer and the principals of one keyd."""
+    """Owns the key locations, the handle sealer and the principals of one keyd."""
 
     def __init__(
         self,
         store: FileStore,
         preloaded: dict[str, str],
         principals: list[KeyPrincipal],
+        *,
+        token: TokenClient | None = None,
+        pkcs11_lib_path: str | None = None,
+        pkcs11_base_slot: str | None = None,
     ) -> None:
         self._store = store
-        self._preloaded = preloaded
+        self._locator = Locator(store, preloaded, pkcs11_lib_path, pkcs11_base_slot)
+        self._token = token
         self._authorizer = KeyAuthorizer(principals)
         self._sealer: HandleSealer | None = None
+        self._sealer_lock = trio.Lock()
         # create-if-absent is check-then-write: one writer at a time keeps it honest.
         self._write_lock = trio.Lock()
         self._handlers = {
@@ -106,16 +155,16 @@ class KeysActor:
         }
 
     async def start(self) -> None:
-        """Load (or create) the handle-validation key; handles depend on it."""
+        """Sweep the key directory and get the handle-validation key ready.
+
+        A token that cannot give the handle-validation key is not fatal: the next location is
+        used, or, with none, each request tries again (and answers 503 meanwhile).
+        """
         await trio.to_thread.run_sync(self._store.prepare)
-        path = self._location(HANDLE_VALIDATION_KEY_ID)
-        async with self._write_lock:
-            key = await self._read(path)
-            if not key:
-                key = os.urandom(32)
-                await self._write(path, key)
-                log.info("created the handle-validation key at %s", path)
-        self._sealer = HandleSealer(key)
+        try:
+            await self._handle_sealer()
+        except (BusError, LibError, OSError) as error:
+            log.error("the handle-validation key is not available yet: %s", error)
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         try:
@@ -126,6 +175,8 @@ class KeysActor:
             raise invalid(f"malformed {op} request: {error}") from None
         try:
             return await self._handlers[type(message)](message)
+        except TokenError as error:
+            raise error.for_client() from None
         except LibError as error:
             log.warning("%s failed: %s", op, error)
             if error.generic:
@@ -135,134 +186,280 @@ class KeysActor:
             log.error("%s failed: %s", op, error)
             raise internal("internal error") from None
 
-    # -- locations and files -------------------------------------------------------------
+    # -- the handle-validation key -------------------------------------------------------
 
-    def _location(self, key_id: str) -> Path:
-        check_id(key_id)
-        preloaded = self._preloaded.get(key_id)
-        if preloaded is not None:
-            uri = urlsplit(preloaded)
-            if uri.scheme == "file":
-                return Path(unquote(uri.path))
-            if uri.scheme == "pkcs11":
-                raise bad_parameter(f"preloaded key {key_id} is in PKCS#11 but no library is set")
-            raise bad_parameter(f"preloaded key {key_id} has an unsupported URI {preloaded!r}")
-        path = self._store.path_of(key_id)
-        if path is None:
-            raise bad_parameter("no way to create keys: aziot_keys.homedir_path is not set")
-        return path
+    async def _handle_sealer(self) -> HandleSealer:
+        if self._sealer is not None:
+            return self._sealer
+        async with self._sealer_lock:
+            if self._sealer is None:
+                self._sealer = await self._load_handle_validation_key()
+            return self._sealer
 
-    async def _read(self, path: Path) -> bytes | None:
-        return await self._store.read(path)
+    async def _load_handle_validation_key(self) -> HandleSealer:
+        failure: Exception | None = None
+        for where in self._locator.of(HANDLE_VALIDATION_KEY_ID):
+            if isinstance(where, FileLocation):
+                async with self._write_lock:
+                    key = await self._store.read(where.path)
+                    if not key:
+                        key = os.urandom(32)
+                        await self._store.write(where.path, key)
+                        log.info("created the handle-validation key at %s", where.path)
+                return HandleSealer(software_mac(key))
+            try:
+                await self._token_secret(where, ["sign"])
+            except TokenError as error:
+                log.error(
+                    "the handle-validation key on the token is unavailable (%s); "
+                    "trying the next location",
+                    error,
+                )
+                failure = error
+                continue
+            log.info("the handle-validation key is %s", where.describe())
+            return HandleSealer(self._token_mac(where))
+        if isinstance(failure, TokenError):
+            raise failure.for_client()
+        raise external("no location for the handle-validation key")
 
-    async def _write(self, path: Path, data: bytes) -> None:
-        await self._store.write(path, data)
+    def _token_mac(self, where: TokenLocation) -> Mac:
+        token = self._need_token()
 
-    async def _symmetric_bytes(self, key_id: str) -> bytes:
-        data = await self._read(self._location(key_id))
-        if data is None:
+        async def mac(data: bytes) -> bytes:
+            try:
+                return await token.hmac(where, data)
+            except TokenError as error:
+                raise error.for_client() from None
+
+        return mac
+
+    async def _token_secret(self, where: TokenLocation, usage: list[str]) -> None:
+        """Make sure a secret key is at `where`, generating one if absent."""
+        token = self._need_token()
+        if await token.has_secret(where):
+            return
+        try:
+            await token.call("generate_secret", where, usage=usage)
+        except TokenError as error:
+            if error.error.code != "KeyExists":
+                raise
+        log.info("created symmetric key %s", where.describe())
+
+    def _need_token(self) -> TokenClient:
+        if self._token is None:
+            raise bad_parameter("a PKCS#11 key was asked for but no PKCS#11 library is set")
+        return self._token
+
+    # -- finding keys ----------------------------------------------------------------------
+
+    async def _find_secret(self, key_id: str, *, creating: bool = False) -> Secret | None:
+        """The first location holding `key_id`'s symmetric key, tried in order.
+
+        An unreachable token is skipped while looking for a key to use, so file keys keep
+        working; if the key is nowhere else, the token's error is the answer, since the key
+        may well be on it. When creating, an unreachable token stops the search: a second key
+        elsewhere would shadow the real one.
+        """
+        unreachable: TokenError | None = None
+        for where in self._locator.of(key_id):
+            if isinstance(where, FileLocation):
+                data = await self._store.read(where.path)
+                if data:
+                    return Secret(data=data)
+                if data is not None and not creating:
+                    raise external(f"key {key_id} is empty")
+                continue
+            try:
+                if await self._need_token().has_secret(where):
+                    return Secret(token=where)
+            except TokenError as error:
+                if creating or not error.unreachable:
+                    raise
+                unreachable = error
+        if unreachable is not None:
+            raise unreachable
+        return None
+
+    async def _find_key_pair(self, key_id: str, *, creating: bool = False) -> Pair | None:
+        unreachable: TokenError | None = None
+        for where in self._locator.of(key_id):
+            if isinstance(where, FileLocation):
+                found = await self._store.parsed(where.path, "key_pair", filecrypto.parse_key_pair)
+                if found is None:
+                    continue
+                if found[1] is None:
+                    if creating:
+                        continue
+                    raise external(f"key pair {key_id} is not a private key we can read")
+                return Pair(key=found[1])
+            try:
+                if await self._need_token().has_key_pair(where):
+                    return Pair(token=where)
+            except TokenError as error:
+                if creating or not error.unreachable:
+                    raise
+                unreachable = error
+        if unreachable is not None:
+            raise unreachable
+        return None
+
+    async def _secret(self, key_id: str) -> Secret:
+        found = await self._find_secret(key_id)
+        if found is None:
             raise bad_parameter(f"key {key_id} not found")
-        if not data:
-            raise external(f"key {key_id} is empty")
-        return data
+        return found
 
-    async def _key_pair(self, key_id: str) -> filecrypto.PrivateKey:
-        found = await self._store.parsed(
-            self._location(key_id), "key_pair", filecrypto.parse_key_pair
-        )
+    async def _key_pair(self, key_id: str) -> Pair:
+        found = await self._find_key_pair(key_id)
         if found is None:
             raise bad_parameter(f"key pair {key_id} not found")
-        if found[1] is None:
-            raise external(f"key pair {key_id} is not a private key we can read")
-        return found[1]
+        return found
 
     def _authorize(self, uid: int, key_id: str) -> None:
         if not self._authorizer.allows(uid, key_id):
             raise unauthorized(f"user {uid} is not authorized to access the key {key_id}")
 
-    # -- handles -------------------------------------------------------------------------
+    # -- handles ---------------------------------------------------------------------------
 
-    def _open(self, handle: str) -> KeyRef:
-        assert self._sealer is not None
-        return self._sealer.open(handle)
+    async def _open(self, handle: str) -> KeyRef:
+        return await (await self._handle_sealer()).open(handle)
 
-    def _seal(self, ref: KeyRef) -> dict[str, str]:
-        assert self._sealer is not None
-        return {"handle": self._sealer.seal(ref)}
+    async def _seal(self, ref: KeyRef) -> dict[str, str]:
+        return {"handle": await (await self._handle_sealer()).seal(ref)}
 
-    async def _secret_of(self, ref: KeyRef) -> bytes:
-        """The symmetric key a Key or Derived reference stands for."""
-        if ref.kind == "Derived":
-            base = self._open(ref.base_handle)
-            return filecrypto.hmac_sha256(
-                await self._symmetric_bytes(base.key_id), ref.derivation_data
-            )
-        return await self._symmetric_bytes(ref.key_id)
+    async def _derived_or_plain(self, ref: KeyRef) -> Secret:
+        """The symmetric key a Key or Derived reference stands for (derived: as bytes)."""
+        if ref.kind != "Derived":
+            return await self._secret(ref.key_id)
+        base = await self._open(ref.base_handle)
+        return Secret(data=await self._hmac(await self._secret(base.key_id), ref.derivation_data))
 
-    # -- operations ----------------------------------------------------------------------
+    async def _hmac(self, secret: Secret, message: bytes) -> bytes:
+        if secret.token is not None:
+            return await self._need_token().hmac(secret.token, message)
+        return filecrypto.hmac_sha256(secret.data, message)
+
+    # -- operations ------------------------------------------------------------------------
 
     async def _create_key(self, msg: CreateKey) -> dict[str, str]:
         check_id(msg.key_id)
         self._authorize(msg.uid, msg.key_id)
-        path = self._location(msg.key_id)
         async with self._write_lock:
             if msg.key_bytes is not None:
-                await self._write(path, msg.key_bytes)
-                log.info("imported symmetric key %s (uid %d)", msg.key_id, msg.uid)
-            elif not await self._read(path):
-                await self._write(path, os.urandom(32))
-                log.info("created symmetric key %s (uid %d)", msg.key_id, msg.uid)
-        return self._seal(KeyRef("Key", msg.key_id))
+                where = await self._store_secret(msg.key_id, msg.usage, msg.key_bytes)
+                log.info("imported symmetric key %s into %s (uid %d)", msg.key_id, where, msg.uid)
+            elif await self._find_secret(msg.key_id, creating=True) is None:
+                where = await self._store_secret(msg.key_id, msg.usage, None)
+                log.info("created symmetric key %s in %s (uid %d)", msg.key_id, where, msg.uid)
+            if await self._find_secret(msg.key_id) is None:
+                raise external(f"key {msg.key_id} was created but cannot be found")
+        return await self._seal(KeyRef("Key", msg.key_id))
+
+    async def _store_secret(self, key_id: str, usage: list[str], key_bytes: bytes | None) -> str:
+        """Generate (None) or import a symmetric key in the first location that takes it."""
+        refused: TokenError | None = None
+        for where in self._locator.of(key_id):
+            if isinstance(where, FileLocation):
+                await self._store.write(where.path, key_bytes or os.urandom(32))
+                return where.describe()
+            token = self._need_token()
+            try:
+                if key_bytes is None:
+                    await token.call("generate_secret", where, usage=usage)
+                else:
+                    await token.call("import_secret", where, key_bytes=key_bytes, usage=usage)
+                return where.describe()
+            except TokenError as error:
+                # As libaziot-keys: a token that cannot make such a key passes to the next
+                # location; an import the token rejects does too.
+                if not (error.refused or (key_bytes is not None and not error.unreachable)):
+                    raise
+                log.warning("%s; trying the next location", error)
+                refused = error
+        if refused is not None and refused.error.code == "MechanismMissing":
+            raise refused
+        raise external(f"no location could take the symmetric key {key_id}")
 
     async def _load_key(self, msg: LoadKey) -> dict[str, str]:
         check_id(msg.key_id)
         self._authorize(msg.uid, msg.key_id)
-        await self._symmetric_bytes(msg.key_id)
-        return self._seal(KeyRef("Key", msg.key_id))
+        await self._secret(msg.key_id)
+        return await self._seal(KeyRef("Key", msg.key_id))
 
     async def _create_key_pair(self, msg: CreateKeyPair) -> dict[str, str]:
         check_id(msg.key_id)
         self._authorize(msg.uid, msg.key_id)
-        path = self._location(msg.key_id)
         async with self._write_lock:
-            found = await self._store.parsed(path, "key_pair", filecrypto.parse_key_pair)
-            if found is None or found[1] is None:
+            if await self._find_key_pair(msg.key_id, creating=True) is None:
                 algorithms = parse_preferred_algorithms(msg.preferred_algorithms)
                 if not algorithms:
                     raise bad_parameter(
                         f"no usable algorithm in {msg.preferred_algorithms!r} for {msg.key_id}"
                     )
-                key = await trio.to_thread.run_sync(filecrypto.generate_key_pair, algorithms[0])
-                await self._write(path, filecrypto.key_pair_pem(key))
-                log.info("created %s key pair %s (uid %d)", algorithms[0], msg.key_id, msg.uid)
-        return self._seal(KeyRef("KeyPair", msg.key_id))
+                where = self._locator.of(msg.key_id)[0]
+                if isinstance(where, FileLocation):
+                    key = await trio.to_thread.run_sync(filecrypto.generate_key_pair, algorithms[0])
+                    await self._store.write(where.path, filecrypto.key_pair_pem(key))
+                    used = algorithms[0]
+                else:
+                    used = await self._need_token().call(
+                        "generate_key_pair", where, algorithms=algorithms
+                    )
+                log.info(
+                    "created %s key pair %s in %s (uid %d)",
+                    used,
+                    msg.key_id,
+                    where.describe(),
+                    msg.uid,
+                )
+        return await self._seal(KeyRef("KeyPair", msg.key_id))
 
     async def _load_key_pair(self, msg: LoadKeyPair) -> dict[str, str]:
         check_id(msg.key_id)
         self._authorize(msg.uid, msg.key_id)
         await self._key_pair(msg.key_id)
-        return self._seal(KeyRef("KeyPair", msg.key_id))
+        return await self._seal(KeyRef("KeyPair", msg.key_id))
 
     async def _move_key_pair(self, msg: MoveKeyPair) -> None:
         check_id(msg.source)
         check_id(msg.destination)
         self._authorize(msg.uid, msg.source)
         self._authorize(msg.uid, msg.destination)
-        source, destination = self._location(msg.source), self._location(msg.destination)
         async with self._write_lock:
-            try:
-                await self._store.rename(source, destination)
-            except FileNotFoundError:
-                raise external(f"key pair {msg.source} does not exist") from None
+            found = await self._find_key_pair(msg.source)
+            candidates = self._locator.of(msg.source)
+            source: FileLocation | TokenLocation = candidates[0]
+            if found is not None and found.token is not None:
+                source = found.token
+            elif found is not None:
+                source = next(w for w in candidates if isinstance(w, FileLocation))
+            destination = self._locator.of(msg.destination)[0]
+            if isinstance(source, FileLocation) and isinstance(destination, FileLocation):
+                try:
+                    await self._store.rename(source.path, destination.path)
+                except FileNotFoundError:
+                    raise external(f"key pair {msg.source} does not exist") from None
+            elif isinstance(source, TokenLocation) and isinstance(destination, TokenLocation):
+                if source.token != destination.token:
+                    raise bad_parameter("cannot move a key pair between two PKCS#11 tokens")
+                await self._need_token().move_key_pair(source, destination.label)
+            else:
+                raise bad_parameter("cannot move a key pair between a file and a PKCS#11 token")
         log.info("moved key pair %s to %s (uid %d)", msg.source, msg.destination, msg.uid)
 
     async def _delete(self, handle: str, kind: str, noun: str) -> None:
-        ref = self._open(handle)
+        ref = await self._open(handle)
         if ref.kind != kind:
             raise invalid_handle(f"handle is not for {noun}")
-        path = self._location(ref.key_id)
+        token_kind = "secret" if kind == "Key" else "key_pair"
         async with self._write_lock:
-            await self._store.remove(path)
+            # As libaziot-keys: every location of the id is cleared, not just the first.
+            for where in self._locator.of(ref.key_id):
+                if isinstance(where, FileLocation):
+                    await self._store.remove(where.path)
+                else:
+                    await self._need_token().call("delete", where, kind=token_kind)
         log.info("deleted %s %s", noun, ref.key_id)
 
     async def _delete_key(self, msg: DeleteKey) -> None:
@@ -272,53 +469,92 @@ class KeysActor:
         await self._delete(msg.handle, "KeyPair", "a key pair")
 
     async def _get_parameter(self, msg: GetParameter) -> dict[str, Any]:
-        assert self._sealer is not None
-        ref = self._sealer.base_of(self._open(msg.handle))
-        key = await self._key_pair(ref.key_id)
-        return {"value": filecrypto.public_parameter(key, msg.name)}
+        sealer = await self._handle_sealer()
+        ref = await sealer.base_of(await sealer.open(msg.handle))
+        pair = await self._key_pair(ref.key_id)
+        if pair.token is not None:
+            params = await self._need_token().call("public_parameters", pair.token)
+            return {"value": token_parameter(params, msg.name)}
+        assert pair.key is not None
+        return {"value": filecrypto.public_parameter(pair.key, msg.name)}
 
     async def _create_derived_key(self, msg: CreateDerivedKey) -> dict[str, str]:
-        if self._open(msg.handle).kind == "Derived":
+        if (await self._open(msg.handle)).kind == "Derived":
             raise invalid_handle(
                 "nested derived keys are not supported, import the outer derived key first"
             )
-        return self._seal(
+        return await self._seal(
             KeyRef("Derived", base_handle=msg.handle, derivation_data=msg.derivation_data)
         )
 
     async def _export_derived_key(self, msg: ExportDerivedKey) -> dict[str, bytes]:
-        ref = self._open(msg.handle)
+        ref = await self._open(msg.handle)
         if ref.kind != "Derived":
             raise invalid_handle("handle is not for a derived key")
-        return {"key": await self._secret_of(ref)}
+        return {"key": (await self._derived_or_plain(ref)).data}
 
     async def _sign(self, msg: Sign) -> dict[str, bytes]:
-        ref = self._open(msg.handle)
+        ref = await self._open(msg.handle)
         if ref.kind == "KeyPair" and msg.algorithm == "ECDSA":
-            key = await self._key_pair(ref.key_id)
-            if not isinstance(key, filecrypto.ec.EllipticCurvePrivateKey):
+            pair = await self._key_pair(ref.key_id)
+            if pair.token is not None:
+                signature = await self._need_token().call("sign_ecdsa", pair.token, digest=msg.data)
+                return {"signature": signature}
+            if not isinstance(pair.key, filecrypto.ec.EllipticCurvePrivateKey):
                 raise bad_parameter(f"ECDSA asked of the non-EC key pair {ref.key_id}")
-            return {"signature": filecrypto.ecdsa_sign(key, msg.data)}
+            return {"signature": filecrypto.ecdsa_sign(pair.key, msg.data)}
         if ref.kind in ("Key", "Derived") and msg.algorithm == "HMAC-SHA256":
-            return {"signature": filecrypto.hmac_sha256(await self._secret_of(ref), msg.data)}
+            return {"signature": await self._hmac(await self._derived_or_plain(ref), msg.data)}
         raise mechanism_error()
 
     async def _encrypt(self, msg: Encrypt) -> dict[str, bytes]:
-        ref = self._open(msg.handle)
+        ref = await self._open(msg.handle)
         if ref.kind in ("Key", "Derived") and msg.algorithm == "AEAD":
-            key = await self._secret_of(ref)
-            return {"ciphertext": filecrypto.aead_encrypt(key, msg.iv, msg.aad, msg.plaintext)}
+            secret = await self._derived_or_plain(ref)
+            if secret.token is not None:
+                sealed = await self._need_token().call(
+                    "aes_gcm_encrypt", secret.token, iv=msg.iv, aad=msg.aad, plaintext=msg.plaintext
+                )
+                return {"ciphertext": b"\x02" + sealed}
+            return {
+                "ciphertext": filecrypto.aead_encrypt(secret.data, msg.iv, msg.aad, msg.plaintext)
+            }
         if ref.kind == "KeyPair" and msg.algorithm in ("RSA-PKCS1", "RSA-NO-PADDING"):
-            key = await self._key_pair(ref.key_id)
-            out = filecrypto.rsa_private_encrypt(key, msg.plaintext, msg.algorithm)
-            return {"ciphertext": out}
+            pair = await self._key_pair(ref.key_id)
+            if pair.token is not None:
+                padding = "pkcs1" if msg.algorithm == "RSA-PKCS1" else "none"
+                out = await self._need_token().call(
+                    "rsa_private", pair.token, data=msg.plaintext, padding=padding
+                )
+                return {"ciphertext": out}
+            assert pair.key is not None
+            return {
+                "ciphertext": filecrypto.rsa_private_encrypt(pair.key, msg.plaintext, msg.algorithm)
+            }
         raise mechanism_error()
 
     async def _decrypt(self, msg: Decrypt) -> dict[str, bytes]:
-        ref = self._open(msg.handle)
+        ref = await self._open(msg.handle)
         if ref.kind in ("Key", "Derived") and msg.algorithm == "AEAD":
-            key = await self._secret_of(ref)
-            return {"plaintext": filecrypto.aead_decrypt(key, msg.iv, msg.aad, msg.ciphertext)}
+            secret = await self._derived_or_plain(ref)
+            if secret.token is None:
+                return {
+                    "plaintext": filecrypto.aead_decrypt(
+                        secret.data, msg.iv, msg.aad, msg.ciphertext
+                    )
+                }
+            if len(msg.ciphertext) < 17:
+                raise bad_parameter("ciphertext is malformed")
+            if msg.ciphertext[0] != 2:
+                raise bad_parameter(f"unknown ciphertext version {msg.ciphertext[0]}")
+            plaintext = await self._need_token().call(
+                "aes_gcm_decrypt",
+                secret.token,
+                iv=msg.iv,
+                aad=msg.aad,
+                ciphertext_and_tag=msg.ciphertext[1:],
+            )
+            return {"plaintext": plaintext}
         raise mechanism_error()
 
     async def _reload_principals(self, msg: ReloadPrincipals) -> None:

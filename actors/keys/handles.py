@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import attrs
 
@@ -53,36 +54,49 @@ def b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-class HandleSealer:
-    """Mints and opens handles with one handle-validation key; remembers recent good handles."""
+Mac = Callable[[bytes], Awaitable[bytes]]
 
-    def __init__(self, validation_key: bytes) -> None:
-        self._key = validation_key
+
+def software_mac(key: bytes) -> Mac:
+    """HMAC-SHA256 with a handle-validation key held in memory (the file store's case)."""
+
+    async def mac(data: bytes) -> bytes:
+        return hmac.new(key, data, hashlib.sha256).digest()
+
+    return mac
+
+
+class HandleSealer:
+    """Mints and opens handles with one handle-validation key; remembers recent good handles.
+
+    The MAC is a coroutine because the key may live in a PKCS#11 token, where each HMAC is a
+    call to the token's worker.
+    """
+
+    def __init__(self, mac: Mac) -> None:
+        self._mac = mac
         self._opened: OrderedDict[str, KeyRef] = OrderedDict()
 
-    def _mac(self, data: bytes) -> bytes:
-        return hmac.new(self._key, data, hashlib.sha256).digest()
-
-    def seal(self, ref: KeyRef) -> str:
+    async def seal(self, ref: KeyRef) -> str:
         nonce = b64encode(os.urandom(64))
         body = json.dumps(
             {"key_id": ref.to_json(), "nonce": nonce}, separators=(",", ":"), ensure_ascii=False
         ).encode("utf-8")
-        return f"sr={b64encode(body)}&sig={b64encode(self._mac(body))}"
+        return f"sr={b64encode(body)}&sig={b64encode(await self._mac(body))}"
 
-    def open(self, handle: str) -> KeyRef:
+    async def open(self, handle: str) -> KeyRef:
         """Validate `handle` and return what it names (a Derived base is validated too)."""
         ref = self._opened.get(handle)
         if ref is not None:
             self._opened.move_to_end(handle)
             return ref
-        ref = self._open_uncached(handle)
+        ref = await self._open_uncached(handle)
         self._opened[handle] = ref
         if len(self._opened) > _CACHE_SIZE:
             self._opened.popitem(last=False)
         return ref
 
-    def _open_uncached(self, handle: str) -> KeyRef:
+    async def _open_uncached(self, handle: str) -> KeyRef:
         sr = sig = None
         for part in handle.split("&"):
             if part.startswith("sr="):
@@ -97,7 +111,7 @@ class HandleSealer:
             text = body.decode("utf-8")
         except (binascii.Error, ValueError):
             raise invalid_handle() from None
-        if not hmac.compare_digest(self._mac(body), signature):
+        if not hmac.compare_digest(await self._mac(body), signature):
             raise invalid_handle()
         try:
             key_id = json.loads(text)["key_id"]
@@ -114,12 +128,12 @@ class HandleSealer:
                 raise invalid_handle() from None
             if not isinstance(base, str):
                 raise invalid_handle()
-            self.open(base)
+            await self.open(base)
             return KeyRef("Derived", base_handle=base, derivation_data=data)
         raise invalid_handle()
 
-    def base_of(self, ref: KeyRef) -> KeyRef:
+    async def base_of(self, ref: KeyRef) -> KeyRef:
         """The key a (possibly derived) reference finally uses."""
         while ref.kind == "Derived":
-            ref = self.open(ref.base_handle)
+            ref = await self.open(ref.base_handle)
         return ref

@@ -71,6 +71,14 @@ class KeyExists(InvalidParameter):
     """A generate call found a key with that label already; it was left untouched."""
 
 
+class TokenUnavailable(Pkcs11Error):
+    """The token cannot be reached at all: library, slot, token label, PIN or session."""
+
+
+class CreateRefused(Pkcs11Error):
+    """The token cannot hold this kind of key (keyd then tries the next location)."""
+
+
 class MechanismMissing(Pkcs11Error):
     """The token does not support a mechanism the operation needs."""
 
@@ -325,7 +333,7 @@ class Pkcs11Library:
         try:
             self._lib = pkcs11.lib(lib_path)
         except Exception as exc:  # dlopen failures come as message-only PKCS11Error, others vary
-            raise Pkcs11Error(
+            raise TokenUnavailable(
                 f"could not load PKCS#11 library {lib_path!r}: {_describe_error(exc)}",
                 ckr=ckr_name(exc),
             ) from exc
@@ -574,7 +582,7 @@ class Pkcs11Library:
             try:
                 self._lib.initialize()
             except pkcs11.PKCS11Error as exc:
-                raise Pkcs11Error(
+                raise TokenUnavailable(
                     f"could not initialize PKCS#11 library {self._path!r}: {_describe_error(exc)}",
                     ckr=ckr_name(exc),
                 ) from exc
@@ -615,7 +623,7 @@ class Pkcs11Library:
         try:
             session = token.open(rw=True, user_pin=uri.pin)
         except _PIN_ERRORS as exc:
-            raise Pkcs11Error(
+            raise TokenUnavailable(
                 f"the PIN was rejected for {where}: {_describe_error(exc)}", ckr=ckr_name(exc)
             ) from exc
         except p11x.UserAlreadyLoggedIn:
@@ -625,7 +633,7 @@ class Pkcs11Library:
             log.debug("%s is already logged in; opening a session without logging in", where)
             session = self._call_token(lambda: token.open(rw=True), f"opening a session on {where}")
         except pkcs11.PKCS11Error as exc:
-            raise Pkcs11Error(
+            raise TokenUnavailable(
                 f"opening a session on {where} failed: {_describe_error(exc)}", ckr=ckr_name(exc)
             ) from exc
 
@@ -646,7 +654,9 @@ class Pkcs11Library:
         try:
             return fn()
         except pkcs11.PKCS11Error as exc:
-            raise Pkcs11Error(f"{what} failed: {_describe_error(exc)}", ckr=ckr_name(exc)) from exc
+            raise TokenUnavailable(
+                f"{what} failed: {_describe_error(exc)}", ckr=ckr_name(exc)
+            ) from exc
 
     def _probe_mechanisms(self, slot: Any, where: str) -> frozenset[int] | None:
         try:
@@ -672,19 +682,19 @@ class Pkcs11Library:
             searched = f"slot-id {uri.slot_id}"
             candidates = [s for s in slots if int(s.slot_id) == uri.slot_id]
             if not candidates:
-                raise Pkcs11Error(
+                raise TokenUnavailable(
                     f"no PKCS#11 slot with {searched} in {self._path}; {self._inventory(slots)}"
                 )
             try:
                 token = candidates[0].get_token()
             except (p11x.TokenNotPresent, p11x.TokenNotRecognised) as exc:
-                raise Pkcs11Error(
+                raise TokenUnavailable(
                     f"PKCS#11 slot {uri.slot_id} in {self._path} has no usable token "
                     f"({_describe_error(exc)}); {self._inventory(slots)}",
                     ckr=ckr_name(exc),
                 ) from exc
             except pkcs11.PKCS11Error as exc:
-                raise Pkcs11Error(
+                raise TokenUnavailable(
                     f"reading the token in slot {uri.slot_id} failed: {_describe_error(exc)}",
                     ckr=ckr_name(exc),
                 ) from exc
@@ -699,7 +709,7 @@ class Pkcs11Library:
                 if candidate.label == uri.token:
                     matches.append(candidate)
             if not matches:
-                raise Pkcs11Error(
+                raise TokenUnavailable(
                     f"no PKCS#11 token with {searched} in {self._path}; {self._inventory(slots)}"
                 )
             if len(matches) > 1:
@@ -711,7 +721,7 @@ class Pkcs11Library:
                 )
             token = matches[0]
         if not token.flags & TokenFlag.TOKEN_INITIALIZED:
-            raise Pkcs11Error(
+            raise TokenUnavailable(
                 f"the PKCS#11 token found by {searched} (slot {token.slot.slot_id}) "
                 "is not initialized"
             )
@@ -1002,7 +1012,7 @@ class Pkcs11Library:
                 key.destroy()
             except pkcs11.PKCS11Error as cleanup:
                 log.warning("could not delete AES key %r after failed test: %s", label, cleanup)
-            raise Pkcs11Error(
+            raise CreateRefused(
                 f"test AES-GCM encryption with the new key {label!r} on {state.describe()} "
                 f"failed, so the key was deleted: {_describe_error(exc)}",
                 ckr=ckr_name(exc),

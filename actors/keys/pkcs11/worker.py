@@ -12,6 +12,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,14 @@ import trio
 from bus.errors import BusError, ErrorKind
 from bus.faults import Faults
 
-from .token import InvalidParameter, KeyNotFound, MechanismMissing, Pkcs11Error, Pkcs11Library
+from .token import (
+    InvalidParameter,
+    KeyNotFound,
+    MechanismMissing,
+    Pkcs11Error,
+    Pkcs11Library,
+    TokenUnavailable,
+)
 from .uri import Pkcs11Uri
 
 log = logging.getLogger(__name__)
@@ -46,25 +54,45 @@ OPERATIONS = frozenset(
     }
 )
 _STOP = object()
+# A call running this long means the token hangs: later calls fail at once instead of queueing
+# behind it, so callers with somewhere else to look (file keys) are not held up.
+HUNG_AFTER = 5.0
+# Token answers that mean "this token cannot make that kind of key", after which libaziot-keys
+# tries the next location.
+_UNSUPPORTED_CKRS = frozenset({"CKR_FUNCTION_NOT_SUPPORTED", "CKR_MECHANISM_INVALID"})
 
 
 def to_bus_error(error: Exception) -> BusError:
-    """Token errors as bus errors that keep the token's own words (lessons row 2)."""
+    """Token errors as bus errors that keep the token's own words (lessons row 2).
+
+    The code is the error's class name, so the keys actor can tell a missing key from a token
+    that cannot make that kind of key, or one that cannot be reached at all.
+    """
+    code = type(error).__name__
     if isinstance(error, KeyNotFound):
-        return BusError(ErrorKind.NOT_FOUND, str(error))
+        return BusError(ErrorKind.NOT_FOUND, str(error), code)
     if isinstance(error, MechanismMissing):
         return BusError(
             ErrorKind.INVALID,
             f'parameter "mechanism" has an invalid value\ncaused by: the token does not '
             f"support {error.mechanism}",
+            code,
         )
     if isinstance(error, InvalidParameter):
-        return BusError(ErrorKind.INVALID, str(error))
-    return BusError(ErrorKind.INTERNAL, str(error))
+        return BusError(ErrorKind.INVALID, str(error), code)
+    if isinstance(error, TokenUnavailable):
+        return BusError(ErrorKind.UNAVAILABLE, str(error), code)
+    if isinstance(error, Pkcs11Error) and error.ckr in _UNSUPPORTED_CKRS:
+        code = "Unsupported"
+    return BusError(ErrorKind.INTERNAL, str(error), code)
 
 
-class _TokenThread:
-    """A thread that owns one `Pkcs11Library` and runs jobs one at a time."""
+class TokenThread:
+    """A thread that owns one `Pkcs11Library` and runs jobs one at a time.
+
+    It outlives restarts of the actor in front of it: a second thread on the same library
+    would be exactly the unsafe sharing this design avoids.
+    """
 
     def __init__(self, lib_path: str, faults: Faults) -> None:
         self._lib_path = lib_path
@@ -73,6 +101,7 @@ class _TokenThread:
         self._thread = threading.Thread(target=self._run, name="pkcs11-worker", daemon=True)
         self._library: Pkcs11Library | None = None
         self._load_error: Exception | None = None
+        self.busy_since: float | None = None  # monotonic start of the running job
         self._thread.start()
 
     def _run(self) -> None:
@@ -80,16 +109,18 @@ class _TokenThread:
             self._library = Pkcs11Library(self._lib_path)
         except Exception as error:  # reported to every caller, the daemon keeps running
             self._load_error = error
-            log.error("%s", error)
+            log.error("%s; keys on the token are unavailable, file keys keep working", error)
         while (job := self._jobs.get()) is not _STOP:
             call, deliver = job
+            self.busy_since = time.monotonic()
             try:
                 self._faults.hit_blocking("pkcs11.call")
                 if self._library is None:
-                    raise self._load_error or Pkcs11Error("PKCS#11 library not loaded")
+                    raise self._load_error or TokenUnavailable("PKCS#11 library not loaded")
                 outcome: tuple[bool, Any] = (True, call(self._library))
             except Exception as error:
                 outcome = (False, error)
+            self.busy_since = None
             deliver(outcome)
 
     def submit(self, call: Callable[[Pkcs11Library], Any], deliver: Callable[[Any], None]) -> None:
@@ -102,12 +133,20 @@ class _TokenThread:
 class Pkcs11Worker:
     """The bus-facing side: decodes a request, queues it for the thread, awaits the result."""
 
-    def __init__(self, lib_path: str, faults: Faults) -> None:
-        self._thread = _TokenThread(lib_path, faults)
+    def __init__(self, thread: TokenThread) -> None:
+        self._thread = thread
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         if op not in OPERATIONS:
             raise BusError(ErrorKind.INVALID, f"unknown PKCS#11 operation {op!r}")
+        busy_since = self._thread.busy_since
+        if busy_since is not None and time.monotonic() - busy_since > HUNG_AFTER:
+            raise BusError(
+                ErrorKind.UNAVAILABLE,
+                f"the PKCS#11 token has not answered a call for "
+                f"{time.monotonic() - busy_since:.0f} s",
+                "TokenUnavailable",
+            )
         try:
             uri = Pkcs11Uri.parse(args.pop("uri"))
         except (KeyError, ValueError) as error:

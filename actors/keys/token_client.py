@@ -1,0 +1,101 @@
+"""The keys actor's side of the PKCS#11 worker: bus calls and what their errors mean to keyd.
+
+The worker speaks in the token's words; keyd's clients must see the original's answers. So a
+missing key or an unusable request becomes the generic 400, a token failure the generic 500
+(the token's own error goes to the log, lessons.md row 2), while a missing mechanism keeps its
+400 naming the mechanism, and an unreachable or hung token its 503/504.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from bus.bus import Bus
+from bus.errors import BusError, ErrorKind, internal, invalid
+
+from .locations import TokenLocation
+
+log = logging.getLogger(__name__)
+
+WORKER = "pkcs11"
+CALL_TIMEOUT = 10.0  # seconds; the worker also fails fast once the token has hung for 5 s
+GENERIC_INVALID = "a parameter has an invalid value"
+
+# Codes after which libaziot-keys tries the next location when creating a symmetric key.
+REFUSED_CODES = frozenset({"MechanismMissing", "CreateRefused", "Unsupported"})
+# Codes that say nothing about the key, only that the token cannot be asked right now.
+UNREACHABLE_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.TIMEOUT})
+
+
+class TokenError(Exception):
+    """A worker error, kept whole until the keys actor decides what the client sees."""
+
+    def __init__(self, error: BusError, what: str) -> None:
+        super().__init__(f"{what}: {error.message}")
+        self.error = error
+        self.what = what
+
+    @property
+    def unreachable(self) -> bool:
+        return self.error.kind in UNREACHABLE_KINDS
+
+    @property
+    def refused(self) -> bool:
+        return self.error.code in REFUSED_CODES
+
+    def for_client(self) -> BusError:
+        """What keyd answers for this error, as the original would (plus 503/504)."""
+        error = self.error
+        if error.kind in UNREACHABLE_KINDS:
+            log.error("%s: the PKCS#11 token is unreachable: %s", self.what, error.message)
+            return BusError(error.kind, f"the PKCS#11 token is unavailable: {error.message}")
+        if error.code == "MechanismMissing":
+            log.warning("%s: %s", self.what, error.message.replace("\n", " "))
+            return error
+        if error.kind in (ErrorKind.INVALID, ErrorKind.NOT_FOUND):
+            log.warning("%s: %s", self.what, error.message)
+            return invalid(GENERIC_INVALID)
+        log.error("%s: PKCS#11 error: %s", self.what, error.message)
+        return internal("internal error")
+
+
+class TokenClient:
+    """Calls to the PKCS#11 worker actor for one keyd."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def call(self, op: str, where: TokenLocation, **args: Any) -> Any:
+        what = f"{op} of {where.describe()}"
+        try:
+            return await self._bus.request(
+                WORKER, op, {"uri": where.uri, "label": where.label, **args}, timeout=CALL_TIMEOUT
+            )
+        except BusError as error:
+            raise TokenError(error, what) from None
+
+    async def has_secret(self, where: TokenLocation) -> bool:
+        return bool(await self.call("find_secret", where))
+
+    async def has_key_pair(self, where: TokenLocation) -> bool:
+        return bool(await self.call("find_key_pair", where))
+
+    async def hmac(self, where: TokenLocation, message: bytes) -> bytes:
+        return bytes(await self.call("hmac_sha256", where, message=message))
+
+    async def mechanisms(self, uri: str) -> list[str]:
+        try:
+            return list(
+                await self._bus.request(WORKER, "mechanisms", {"uri": uri}, timeout=CALL_TIMEOUT)
+            )
+        except BusError as error:
+            raise TokenError(error, "listing the token's mechanisms") from None
+
+    async def move_key_pair(self, source: TokenLocation, to_label: str) -> None:
+        what = f"moving {source.describe()} to {to_label!r}"
+        args = {"uri": source.uri, "from_label": source.label, "to_label": to_label}
+        try:
+            await self._bus.request(WORKER, "move_key_pair", args, timeout=CALL_TIMEOUT)
+        except BusError as error:
+            raise TokenError(error, what) from None
