@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import rawhttp
+from tests.softhsm import SoftHsmToken
 
 KEYD_VERSION = "2021-05-01"
 
@@ -24,8 +25,10 @@ class Keyd:
         extra_config: str = "",
         env: dict[str, str] | None = None,
         top_config: str = "",
+        token: SoftHsmToken | None = None,
     ):
         self.root = root
+        self.token = token
         self.home = root / "home"
         self.keys_dir = self.home / "keys"
         self.config_dir = root / "config.d"
@@ -34,6 +37,13 @@ class Keyd:
         self.config = root / "config.toml"
         self.log = root / "aziotd.log"
         self.env = dict(env or {})
+        if token is not None:
+            # keyd keeps keys on this token first (base slot), then in files.
+            self.env["SOFTHSM2_CONF"] = str(token.conf_path)
+            extra_config = (
+                f'pkcs11_lib_path = "{token.lib_path}"\n'
+                f'pkcs11_base_slot = "{token.uri()}"\n{extra_config}'
+            )
         self.process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
         self.config_dir.mkdir(exist_ok=True)
@@ -100,8 +110,32 @@ class Keyd:
         target = f"{path}{sep}api-version={KEYD_VERSION}"
         return rawhttp.request(self.socket, method, target, body, **options)
 
-    def snapshot(self) -> dict[str, bytes]:
-        """Every file under the key store, by name, with its bytes."""
-        if not self.keys_dir.exists():
-            return {}
-        return {p.name: p.read_bytes() for p in sorted(self.keys_dir.iterdir())}
+    def snapshot(self) -> dict[str, Any]:
+        """Every file under the key store with its bytes, and the token's objects if any."""
+        files = {}
+        if self.keys_dir.exists():
+            files = {p.name: p.read_bytes() for p in sorted(self.keys_dir.iterdir())}
+        if self.token is None:
+            return files
+        return {"files": files, "token": self.token_objects()}
+
+    def token_objects(self) -> list[dict[str, str]]:
+        """The token's objects as `pkcs11-tool --list-objects` reports them (an independent view)."""
+        assert self.token is not None
+        listing = self.token.pkcs11_tool("--list-objects").stdout
+        objects: list[dict[str, str]] = []
+        for line in listing.splitlines():
+            if line and not line.startswith(" "):
+                objects.append({"type": line.strip()})
+            elif ":" in line and objects:
+                name, _, value = line.partition(":")
+                objects[-1][name.strip()] = value.strip()
+        return sorted(objects, key=lambda o: (o.get("label", ""), o["type"]))
+
+    def has_key(self, key_id: str, file_name: str) -> bool:
+        """Whether `key_id` is stored: on the token (by label) or as `file_name` in keys/."""
+        if self.token is not None and any(
+            o.get("label") == key_id for o in self.token_objects()
+        ):
+            return True
+        return (self.keys_dir / file_name).exists()

@@ -1,4 +1,8 @@
-"""keyd end to end on file keys: every endpoint's success path, checked by `cryptography`."""
+"""keyd end to end: every endpoint's success path, checked by `cryptography`.
+
+Each test runs twice: on file keys, and with a SoftHSM token as the base slot (where keyd keeps
+new keys on the token, and `pkcs11-tool` checks what is stored there).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import hashlib
 import hmac
 import os
 import stat
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -15,6 +21,29 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from actors.keys.store import key_file_name
 from tests.daemon import Keyd
+from tests.softhsm import make_softhsm_token, softhsm_available
+
+
+@pytest.fixture(params=["file", "pkcs11"])
+def keyd(request, world_dir: Path) -> Iterator[Keyd]:
+    token = None
+    if request.param == "pkcs11":
+        if not softhsm_available():
+            pytest.skip("softhsm2 is not installed")
+        token = make_softhsm_token(world_dir / "softhsm", label="keyd-e2e")
+    daemon = Keyd(world_dir / "keyd", token=token).start()
+    yield daemon
+    if daemon.process is not None:
+        daemon.stop()
+
+
+def token_object(keyd: Keyd, label: str, kind: str) -> dict[str, str]:
+    """The one token object of `kind` ("Private Key", "Secret Key"...) labelled `label`."""
+    found = [
+        o for o in keyd.token_objects() if o.get("label") == label and o["type"].startswith(kind)
+    ]
+    assert len(found) == 1, keyd.token_objects()
+    return found[0]
 
 
 def b64(data: bytes) -> str:
@@ -81,6 +110,16 @@ def test_ec_key_pair_signs_digests_that_verify(keyd: Keyd) -> None:
         keyd.keys_dir
         / "deviceid-bd732105ef89cf8edd2606a5309c8a26b7b5599a4e124a0fe6199b6b2f60e655.key"
     )
+    if keyd.token is not None:
+        private = token_object(keyd, "device-id", "Private Key Object; EC")
+        assert "sensitive" in private["Access"] and "never extractable" in private["Access"]
+        public_object = token_object(keyd, "device-id", "Public Key Object; EC")
+        point = public.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        assert public_object["EC_POINT"].endswith(point.hex())
+        assert not path.exists()
+        return
     pem = path.read_bytes()
     assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -153,12 +192,24 @@ def test_symmetric_key_create_import_hmac_and_aead(keyd: Keyd) -> None:
     handle = handle_of(
         keyd.call("POST", "/key", {"keyId": "sym", "usage": "sign", "keyBytes": b64(secret)})
     )
-    assert (keyd.keys_dir / key_file_name("sym")).read_bytes() == secret
+    if keyd.token is None:
+        assert (keyd.keys_dir / key_file_name("sym")).read_bytes() == secret
+    else:
+        assert "sensitive" in token_object(keyd, "sym", "Secret Key")["Access"]
+        assert not (keyd.keys_dir / key_file_name("sym")).exists()
     message = b"SharedAccessSignature payload"
     assert (
         sign(keyd, handle, "HMAC-SHA256", message=message)
         == hmac.new(secret, message, hashlib.sha256).digest()
     )
+    if keyd.token is not None:
+        # On a token the usage picks the key type: AES-GCM needs an "encrypt" key.
+        handle = handle_of(
+            keyd.call(
+                "POST", "/key", {"keyId": "aes", "usage": "encrypt", "keyBytes": b64(secret)}
+            )
+        )
+        assert token_object(keyd, "aes", "Secret Key Object; AES")
     iv, aad, plaintext = os.urandom(12), b"aad", b"module secret"
     reply = keyd.call(
         "POST",
@@ -185,9 +236,22 @@ def test_symmetric_key_create_import_hmac_and_aead(keyd: Keyd) -> None:
         },
     )
     assert reply.status == 200 and unb64(reply.json()["plaintext"]) == plaintext
-    # IoT Edge 1.1 wrote version 1: tag first.
+    # IoT Edge 1.1 wrote version 1: tag first. (File keys only, as in the original.)
     sealed = AESGCM(secret).encrypt(iv, plaintext, aad)
     legacy = b"\x01" + sealed[-16:] + sealed[:-16]
+    if keyd.token is not None:
+        reply = keyd.call(
+            "POST",
+            "/decrypt",
+            {
+                "keyHandle": handle,
+                "algorithm": "AEAD",
+                "parameters": {"iv": b64(iv), "aad": b64(aad)},
+                "ciphertext": b64(legacy),
+            },
+        )
+        assert (reply.status, reply.message) == (400, "a parameter has an invalid value")
+        return
     reply = keyd.call(
         "POST",
         "/decrypt",
@@ -202,21 +266,30 @@ def test_symmetric_key_create_import_hmac_and_aead(keyd: Keyd) -> None:
 
 
 def test_generate_is_create_if_absent_and_import_overwrites(keyd: Keyd) -> None:
-    handle_of(
+    first = handle_of(
         keyd.call("POST", "/key", {"keyId": "master", "usage": "derive,sign", "keyBytes": None})
     )
     path = keyd.keys_dir / key_file_name("master")
-    generated = path.read_bytes()
-    assert len(generated) == 32
+    before = keyd.snapshot()
+    if keyd.token is None:
+        assert len(path.read_bytes()) == 32
+    else:
+        assert token_object(keyd, "master", "Secret Key Object; Generic secret length 32")
+        assert not path.exists()
+    generated = sign(keyd, first, "HMAC-SHA256", message=b"m")
     handle_of(keyd.call("POST", "/key", {"keyId": "master", "usage": "encrypt"}))
-    assert path.read_bytes() == generated
+    assert keyd.snapshot() == before
+    assert sign(keyd, first, "HMAC-SHA256", message=b"m") == generated
     replacement = os.urandom(32)
     handle = handle_of(
         keyd.call(
             "POST", "/key", {"keyId": "master", "usage": "sign", "keyBytes": b64(replacement)}
         )
     )
-    assert path.read_bytes() == replacement
+    if keyd.token is None:
+        assert path.read_bytes() == replacement
+    else:
+        assert token_object(keyd, "master", "Secret Key")  # replaced, not duplicated
     assert (
         sign(keyd, handle, "HMAC-SHA256", message=b"m")
         == hmac.new(replacement, b"m", hashlib.sha256).digest()
@@ -258,16 +331,17 @@ def test_move_and_delete(keyd: Keyd) -> None:
     point = parameter(keyd, temp, "ec-point")
     reply = keyd.call("POST", "/keypair/cert-key", {"from": "cert-key-temp"})
     assert reply.status == 204 and reply.body == b"" and "content-type" not in reply.headers
-    assert not (keyd.keys_dir / key_file_name("cert-key-temp")).exists()
+    assert not keyd.has_key("cert-key-temp", key_file_name("cert-key-temp"))
+    assert keyd.has_key("cert-key", key_file_name("cert-key"))
     moved = handle_of(keyd.call("GET", "/keypair/cert-key"))
     assert parameter(keyd, moved, "ec-point") == point
     assert keyd.call("DELETE", "/keypair", {"keyHandle": moved}).status == 204
-    assert not (keyd.keys_dir / key_file_name("cert-key")).exists()
+    assert not keyd.has_key("cert-key", key_file_name("cert-key"))
     assert keyd.call("GET", "/keypair/cert-key").status == 400
     sym = handle_of(keyd.call("POST", "/key", {"keyId": "gone", "usage": "sign"}))
     assert keyd.call("DELETE", "/key", {"keyHandle": sym}).status == 204
     assert keyd.call("DELETE", "/key", {"keyHandle": sym}).status == 204  # absent is fine
-    assert not (keyd.keys_dir / key_file_name("gone")).exists()
+    assert not keyd.has_key("gone", key_file_name("gone"))
 
 
 def test_handles_survive_a_restart(keyd: Keyd) -> None:
