@@ -28,6 +28,7 @@ from config.loader import ConfigError, ServicePaths
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET_DIR = "/run/aziot"
+PROBE_TIMEOUT = 5.0  # a token that hangs at start delays readiness by this much, no more
 
 
 def socket_path(service: str, endpoint: str | None, environ: dict[str, str]) -> Path:
@@ -75,7 +76,7 @@ async def probe_tokens(token: TokenClient, uris: list[str]) -> None:
     for uri in uris:
         where = Pkcs11Uri.parse(uri)
         try:
-            mechanisms = await token.mechanisms(uri)
+            mechanisms = await token.mechanisms(uri, timeout=PROBE_TIMEOUT)
         except TokenError as error:
             log.error(
                 "keyd: PKCS#11 token %s is unavailable; keys on it will fail until it is "

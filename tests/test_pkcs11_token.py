@@ -28,6 +28,7 @@ from actors.keys.pkcs11.token import (
     Pkcs11Error,
     Pkcs11Library,
     PublicParameters,
+    TokenUnavailable,
     ckr_name,
     mechanism_name,
 )
@@ -609,6 +610,10 @@ def test_wrong_pin(softhsm_token: SoftHsmToken) -> None:
     assert repr(softhsm_token.label) in message
     assert info.value.ckr == "CKR_PIN_INCORRECT"
     assert "9999" not in message
+    # The same wrong PIN is not tried again: a real token would count it and lock the PIN.
+    with pytest.raises(TokenUnavailable) as again:
+        library.find_key_pair(bad, "k")
+    assert "not trying it again" in str(again.value) and again.value.ckr == "CKR_PIN_INCORRECT"
     # The right PIN still works afterwards.
     good = Pkcs11Uri.parse(softhsm_token.uri())
     assert not library.find_key_pair(good, "k")

@@ -197,31 +197,39 @@ class KeysActor:
             return self._sealer
 
     async def _load_handle_validation_key(self) -> HandleSealer:
-        failure: Exception | None = None
-        for where in self._locator.of(HANDLE_VALIDATION_KEY_ID):
-            if isinstance(where, FileLocation):
-                async with self._write_lock:
-                    key = await self._store.read(where.path)
-                    if not key:
-                        key = os.urandom(32)
-                        await self._store.write(where.path, key)
-                        log.info("created the handle-validation key at %s", where.path)
-                return HandleSealer(software_mac(key))
+        """Find or create the key like any other (so one found anywhere is kept), except that
+        an unreachable token falls back to the file location: handles for file keys must work
+        while the token is down."""
+        key_id = HANDLE_VALIDATION_KEY_ID
+        async with self._write_lock:
             try:
-                await self._token_secret(where, ["sign"])
+                found = await self._find_secret(key_id, creating=True)
+                if found is None:
+                    where = await self._store_secret(key_id, ["sign"], None)
+                    log.info("created the handle-validation key in %s", where)
+                    found = await self._find_secret(key_id)
             except TokenError as error:
+                files = [w for w in self._locator.of(key_id) if isinstance(w, FileLocation)]
+                if not error.unreachable or not files:
+                    raise
                 log.error(
-                    "the handle-validation key on the token is unavailable (%s); "
-                    "trying the next location",
+                    "the handle-validation key cannot be read from the token (%s); using %s "
+                    "until the next start, so handles made now stop working once the token is "
+                    "back",
                     error,
+                    files[0].path,
                 )
-                failure = error
-                continue
-            log.info("the handle-validation key is %s", where.describe())
-            return HandleSealer(self._token_mac(where))
-        if isinstance(failure, TokenError):
-            raise failure.for_client()
-        raise external("no location for the handle-validation key")
+                key = await self._store.read(files[0].path)
+                if not key:
+                    key = os.urandom(32)
+                    await self._store.write(files[0].path, key)
+                found = Secret(data=key)
+        if found is None:
+            raise external("the handle-validation key was created but cannot be found")
+        if found.token is not None:
+            log.info("the handle-validation key is %s", found.token.describe())
+            return HandleSealer(self._token_mac(found.token))
+        return HandleSealer(software_mac(found.data))
 
     def _token_mac(self, where: TokenLocation) -> Mac:
         token = self._need_token()
@@ -233,18 +241,6 @@ class KeysActor:
                 raise error.for_client() from None
 
         return mac
-
-    async def _token_secret(self, where: TokenLocation, usage: list[str]) -> None:
-        """Make sure a secret key is at `where`, generating one if absent."""
-        token = self._need_token()
-        if await token.has_secret(where):
-            return
-        try:
-            await token.call("generate_secret", where, usage=usage)
-        except TokenError as error:
-            if error.error.code != "KeyExists":
-                raise
-        log.info("created symmetric key %s", where.describe())
 
     def _need_token(self) -> TokenClient:
         if self._token is None:

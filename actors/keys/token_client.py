@@ -84,10 +84,10 @@ class TokenClient:
     async def hmac(self, where: TokenLocation, message: bytes) -> bytes:
         return bytes(await self.call("hmac_sha256", where, message=message))
 
-    async def mechanisms(self, uri: str) -> list[str]:
+    async def mechanisms(self, uri: str, timeout: float = CALL_TIMEOUT) -> list[str]:
         try:
             return list(
-                await self._bus.request(WORKER, "mechanisms", {"uri": uri}, timeout=CALL_TIMEOUT)
+                await self._bus.request(WORKER, "mechanisms", {"uri": uri}, timeout=timeout)
             )
         except BusError as error:
             raise TokenError(error, "listing the token's mechanisms") from None

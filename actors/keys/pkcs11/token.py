@@ -23,6 +23,7 @@ Errors (all subclasses of :class:`Pkcs11Error`):
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import re
 import secrets
@@ -340,6 +341,8 @@ class Pkcs11Library:
         self._sessions: dict[int, _SlotState] = {}
         self._token_slots: dict[str, int] = {}
         self._mechanisms: dict[int, frozenset[int] | None] = {}
+        # Rejected PINs by slot: trying one again on every request would lock the token.
+        self._rejected_pins: dict[int, tuple[str, str]] = {}
         log.info(
             "loaded PKCS#11 library %s (%s, %s)",
             lib_path,
@@ -620,9 +623,18 @@ class Pkcs11Library:
             self._forget(cached)
         label = token.label
         where = f"token {label!r} (slot {slot_id})"
+        rejected = self._rejected_pins.get(slot_id)
+        if rejected is not None and uri.pin is not None and rejected[0] == _pin_digest(uri.pin):
+            raise TokenUnavailable(
+                f"the PIN was rejected for {where} ({rejected[1]}); not trying it again, so "
+                "that the token does not lock it: fix pin-value and restart",
+                ckr=rejected[1],
+            )
         try:
             session = token.open(rw=True, user_pin=uri.pin)
         except _PIN_ERRORS as exc:
+            if uri.pin is not None:
+                self._rejected_pins[slot_id] = (_pin_digest(uri.pin), ckr_name(exc) or "")
             raise TokenUnavailable(
                 f"the PIN was rejected for {where}: {_describe_error(exc)}", ckr=ckr_name(exc)
             ) from exc
@@ -1114,6 +1126,11 @@ class Pkcs11Library:
             # python-pkcs11 only gives objects with CKA_SIGN=true a sign method.
             raise InvalidParameter(f"key {label!r} is not allowed to sign (CKA_SIGN is false)")
         return bytes(sign(data, mechanism=mechanism))
+
+
+def _pin_digest(pin: str) -> str:
+    """Remember which PIN failed without keeping the PIN itself around."""
+    return hashlib.sha256(pin.encode()).hexdigest()
 
 
 def _check_label(label: str) -> None:
