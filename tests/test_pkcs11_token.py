@@ -742,3 +742,25 @@ def test_pkcs11_tool_runs_with_the_helper_environment(softhsm_token: SoftHsmToke
     assert softhsm_token.label in result.stdout
     with pytest.raises(subprocess.CalledProcessError):
         softhsm_token.pkcs11_tool("--login", "--pin", "0000", "--list-objects", login=False)
+
+
+def test_objects_changed_by_another_application_are_seen(
+    library: Pkcs11Library, softhsm_token: SoftHsmToken
+) -> None:
+    """Found objects are cached; a key deleted or replaced by pkcs11-tool must not be used."""
+    uri = Pkcs11Uri.parse(softhsm_token.uri())
+    library.generate_key_pair(uri, "shared", ["ec-p256"])
+    first = library.public_parameters(uri, "shared").public_key()
+    digest = hashlib.sha256(b"x").digest()
+    library.sign_ecdsa(uri, "shared", digest)  # now cached
+    softhsm_token.pkcs11_tool("--delete-object", "--type", "privkey", "--label", "shared")
+    softhsm_token.pkcs11_tool("--delete-object", "--type", "pubkey", "--label", "shared")
+    with pytest.raises(KeyNotFound):
+        library.sign_ecdsa(uri, "shared", digest)
+    softhsm_token.pkcs11_tool(
+        "--keypairgen", "--key-type", "EC:prime256v1", "--label", "shared", "--id", "07"
+    )
+    second = library.public_parameters(uri, "shared").public_key()
+    assert second.public_numbers() != first.public_numbers()
+    signature = library.sign_ecdsa(uri, "shared", digest)
+    second.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -88,6 +89,7 @@ class Secret:
 
     data: bytes = b""
     token: TokenLocation | None = None
+    result: Any = None  # what the token answered to the operation asked while finding it
 
 
 @attrs.frozen
@@ -96,6 +98,7 @@ class Pair:
 
     key: filecrypto.PrivateKey | None = None
     token: TokenLocation | None = None
+    result: Any = None
 
 
 def token_parameter(params: dict[str, Any], name: str) -> bytes | str:
@@ -114,6 +117,9 @@ def token_parameter(params: dict[str, Any], name: str) -> bytes | str:
             raise bad_parameter(f"{name} asked of a non-RSA key")
         return params["modulus" if name == "rsa-modulus" else "exponent"]
     raise bad_parameter(f"unknown parameter {name!r}")
+
+
+TokenUse = Callable[[TokenLocation], Awaitable[Any]]
 
 
 class KeysActor:
@@ -249,13 +255,17 @@ class KeysActor:
 
     # -- finding keys ----------------------------------------------------------------------
 
-    async def _find_secret(self, key_id: str, *, creating: bool = False) -> Secret | None:
+    async def _find_secret(
+        self, key_id: str, *, creating: bool = False, use: TokenUse | None = None
+    ) -> Secret | None:
         """The first location holding `key_id`'s symmetric key, tried in order.
 
-        An unreachable token is skipped while looking for a key to use, so file keys keep
-        working; if the key is nowhere else, the token's error is the answer, since the key
-        may well be on it. When creating, an unreachable token stops the search: a second key
-        elsewhere would shadow the real one.
+        With `use`, a token location is not asked whether it has the key: the operation is run
+        there at once (one token call instead of two), and "not found" passes to the next
+        location. An unreachable token is skipped while looking for a key to use, so file keys
+        keep working; if the key is nowhere else, the token's error is the answer, since the
+        key may well be on it. When creating, an unreachable token stops the search: a second
+        key elsewhere would shadow the real one.
         """
         unreachable: TokenError | None = None
         for where in self._locator.of(key_id):
@@ -267,9 +277,13 @@ class KeysActor:
                     raise external(f"key {key_id} is empty")
                 continue
             try:
+                if use is not None:
+                    return Secret(token=where, result=await use(where))
                 if await self._need_token().has_secret(where):
                     return Secret(token=where)
             except TokenError as error:
+                if error.missing:
+                    continue
                 if creating or not error.unreachable:
                     raise
                 unreachable = error
@@ -277,7 +291,10 @@ class KeysActor:
             raise unreachable
         return None
 
-    async def _find_key_pair(self, key_id: str, *, creating: bool = False) -> Pair | None:
+    async def _find_key_pair(
+        self, key_id: str, *, creating: bool = False, use: TokenUse | None = None
+    ) -> Pair | None:
+        """As `_find_secret`, for key pairs (an unreadable file counts as absent when creating)."""
         unreachable: TokenError | None = None
         for where in self._locator.of(key_id):
             if isinstance(where, FileLocation):
@@ -290,9 +307,13 @@ class KeysActor:
                     raise external(f"key pair {key_id} is not a private key we can read")
                 return Pair(key=found[1])
             try:
+                if use is not None:
+                    return Pair(token=where, result=await use(where))
                 if await self._need_token().has_key_pair(where):
                     return Pair(token=where)
             except TokenError as error:
+                if error.missing:
+                    continue
                 if creating or not error.unreachable:
                     raise
                 unreachable = error
@@ -300,17 +321,23 @@ class KeysActor:
             raise unreachable
         return None
 
-    async def _secret(self, key_id: str) -> Secret:
-        found = await self._find_secret(key_id)
+    async def _secret(self, key_id: str, use: TokenUse | None = None) -> Secret:
+        found = await self._find_secret(key_id, use=use)
         if found is None:
             raise bad_parameter(f"key {key_id} not found")
         return found
 
-    async def _key_pair(self, key_id: str) -> Pair:
-        found = await self._find_key_pair(key_id)
+    async def _key_pair(self, key_id: str, use: TokenUse | None = None) -> Pair:
+        found = await self._find_key_pair(key_id, use=use)
         if found is None:
             raise bad_parameter(f"key pair {key_id} not found")
         return found
+
+    def _on_token(self, op: str, **args: Any) -> TokenUse:
+        async def use(where: TokenLocation) -> Any:
+            return await self._need_token().call(op, where, **args)
+
+        return use
 
     def _authorize(self, uid: int, key_id: str) -> None:
         if not self._authorizer.allows(uid, key_id):
@@ -324,17 +351,17 @@ class KeysActor:
     async def _seal(self, ref: KeyRef) -> dict[str, str]:
         return {"handle": await (await self._handle_sealer()).seal(ref)}
 
-    async def _derived_or_plain(self, ref: KeyRef) -> Secret:
-        """The symmetric key a Key or Derived reference stands for (derived: as bytes)."""
-        if ref.kind != "Derived":
-            return await self._secret(ref.key_id)
-        base = await self._open(ref.base_handle)
-        return Secret(data=await self._hmac(await self._secret(base.key_id), ref.derivation_data))
-
-    async def _hmac(self, secret: Secret, message: bytes) -> bytes:
+    async def _hmac_with(self, key_id: str, message: bytes) -> bytes:
+        """HMAC-SHA256 with symmetric key `key_id`, by the token if it is there."""
+        secret = await self._secret(key_id, self._on_token("hmac_sha256", message=message))
         if secret.token is not None:
-            return await self._need_token().hmac(secret.token, message)
+            return bytes(secret.result)
         return filecrypto.hmac_sha256(secret.data, message)
+
+    async def _derived_key(self, ref: KeyRef) -> bytes:
+        """The bytes of a derived key: HMAC of its base key (done by the token for token keys)."""
+        base = await self._open(ref.base_handle)
+        return await self._hmac_with(base.key_id, ref.derivation_data)
 
     # -- operations ------------------------------------------------------------------------
 
@@ -467,10 +494,9 @@ class KeysActor:
     async def _get_parameter(self, msg: GetParameter) -> dict[str, Any]:
         sealer = await self._handle_sealer()
         ref = await sealer.base_of(await sealer.open(msg.handle))
-        pair = await self._key_pair(ref.key_id)
+        pair = await self._key_pair(ref.key_id, self._on_token("public_parameters"))
         if pair.token is not None:
-            params = await self._need_token().call("public_parameters", pair.token)
-            return {"value": token_parameter(params, msg.name)}
+            return {"value": token_parameter(pair.result, msg.name)}
         assert pair.key is not None
         return {"value": filecrypto.public_parameter(pair.key, msg.name)}
 
@@ -487,71 +513,74 @@ class KeysActor:
         ref = await self._open(msg.handle)
         if ref.kind != "Derived":
             raise invalid_handle("handle is not for a derived key")
-        return {"key": (await self._derived_or_plain(ref)).data}
+        return {"key": await self._derived_key(ref)}
 
     async def _sign(self, msg: Sign) -> dict[str, bytes]:
         ref = await self._open(msg.handle)
         if ref.kind == "KeyPair" and msg.algorithm == "ECDSA":
-            pair = await self._key_pair(ref.key_id)
+            pair = await self._key_pair(ref.key_id, self._on_token("sign_ecdsa", digest=msg.data))
             if pair.token is not None:
-                signature = await self._need_token().call("sign_ecdsa", pair.token, digest=msg.data)
-                return {"signature": signature}
+                return {"signature": pair.result}
             if not isinstance(pair.key, filecrypto.ec.EllipticCurvePrivateKey):
                 raise bad_parameter(f"ECDSA asked of the non-EC key pair {ref.key_id}")
             return {"signature": filecrypto.ecdsa_sign(pair.key, msg.data)}
-        if ref.kind in ("Key", "Derived") and msg.algorithm == "HMAC-SHA256":
-            return {"signature": await self._hmac(await self._derived_or_plain(ref), msg.data)}
+        if ref.kind == "Key" and msg.algorithm == "HMAC-SHA256":
+            return {"signature": await self._hmac_with(ref.key_id, msg.data)}
+        if ref.kind == "Derived" and msg.algorithm == "HMAC-SHA256":
+            return {"signature": filecrypto.hmac_sha256(await self._derived_key(ref), msg.data)}
         raise mechanism_error()
 
     async def _encrypt(self, msg: Encrypt) -> dict[str, bytes]:
         ref = await self._open(msg.handle)
         if ref.kind in ("Key", "Derived") and msg.algorithm == "AEAD":
-            secret = await self._derived_or_plain(ref)
-            if secret.token is not None:
-                sealed = await self._need_token().call(
-                    "aes_gcm_encrypt", secret.token, iv=msg.iv, aad=msg.aad, plaintext=msg.plaintext
+            if ref.kind == "Derived":
+                key = await self._derived_key(ref)
+            else:
+                use = self._on_token(
+                    "aes_gcm_encrypt", iv=msg.iv, aad=msg.aad, plaintext=msg.plaintext
                 )
-                return {"ciphertext": b"\x02" + sealed}
-            return {
-                "ciphertext": filecrypto.aead_encrypt(secret.data, msg.iv, msg.aad, msg.plaintext)
-            }
+                secret = await self._secret(ref.key_id, use)
+                if secret.token is not None:
+                    return {"ciphertext": b"\x02" + secret.result}
+                key = secret.data
+            return {"ciphertext": filecrypto.aead_encrypt(key, msg.iv, msg.aad, msg.plaintext)}
         if ref.kind == "KeyPair" and msg.algorithm in ("RSA-PKCS1", "RSA-NO-PADDING"):
-            pair = await self._key_pair(ref.key_id)
+            padding = "pkcs1" if msg.algorithm == "RSA-PKCS1" else "none"
+            use = self._on_token("rsa_private", data=msg.plaintext, padding=padding)
+            pair = await self._key_pair(ref.key_id, use)
             if pair.token is not None:
-                padding = "pkcs1" if msg.algorithm == "RSA-PKCS1" else "none"
-                out = await self._need_token().call(
-                    "rsa_private", pair.token, data=msg.plaintext, padding=padding
-                )
-                return {"ciphertext": out}
+                return {"ciphertext": pair.result}
             assert pair.key is not None
-            return {
-                "ciphertext": filecrypto.rsa_private_encrypt(pair.key, msg.plaintext, msg.algorithm)
-            }
+            out = filecrypto.rsa_private_encrypt(pair.key, msg.plaintext, msg.algorithm)
+            return {"ciphertext": out}
         raise mechanism_error()
 
     async def _decrypt(self, msg: Decrypt) -> dict[str, bytes]:
         ref = await self._open(msg.handle)
-        if ref.kind in ("Key", "Derived") and msg.algorithm == "AEAD":
-            secret = await self._derived_or_plain(ref)
-            if secret.token is None:
-                return {
-                    "plaintext": filecrypto.aead_decrypt(
-                        secret.data, msg.iv, msg.aad, msg.ciphertext
-                    )
-                }
-            if len(msg.ciphertext) < 17:
-                raise bad_parameter("ciphertext is malformed")
-            if msg.ciphertext[0] != 2:
-                raise bad_parameter(f"unknown ciphertext version {msg.ciphertext[0]}")
-            plaintext = await self._need_token().call(
-                "aes_gcm_decrypt",
-                secret.token,
-                iv=msg.iv,
-                aad=msg.aad,
-                ciphertext_and_tag=msg.ciphertext[1:],
-            )
-            return {"plaintext": plaintext}
-        raise mechanism_error()
+        if ref.kind not in ("Key", "Derived") or msg.algorithm != "AEAD":
+            raise mechanism_error()
+        if ref.kind == "Derived":
+            key = await self._derived_key(ref)
+        else:
+            async def use(where: TokenLocation) -> Any:
+                # Token keys only know the current format (0x02 || ciphertext || tag).
+                if len(msg.ciphertext) < 17:
+                    raise bad_parameter("ciphertext is malformed")
+                if msg.ciphertext[0] != 2:
+                    raise bad_parameter(f"unknown ciphertext version {msg.ciphertext[0]}")
+                return await self._need_token().call(
+                    "aes_gcm_decrypt",
+                    where,
+                    iv=msg.iv,
+                    aad=msg.aad,
+                    ciphertext_and_tag=msg.ciphertext[1:],
+                )
+
+            secret = await self._secret(ref.key_id, use)
+            if secret.token is not None:
+                return {"plaintext": secret.result}
+            key = secret.data
+        return {"plaintext": filecrypto.aead_decrypt(key, msg.iv, msg.aad, msg.ciphertext)}
 
     async def _reload_principals(self, msg: ReloadPrincipals) -> None:
         self._authorizer = KeyAuthorizer(KeyPrincipal(p.uid, p.keys) for p in msg.principals)

@@ -41,6 +41,10 @@ class TokenError(Exception):
         return self.error.kind in UNREACHABLE_KINDS
 
     @property
+    def missing(self) -> bool:
+        return self.error.kind is ErrorKind.NOT_FOUND
+
+    @property
     def refused(self) -> bool:
         return self.error.code in REFUSED_CODES
 

@@ -158,6 +158,9 @@ _RECONNECT_ERRORS: tuple[type[Exception], ...] = (
     p11x.UserNotLoggedIn,
     p11x.DeviceRemoved,
     p11x.TokenNotPresent,
+    # A cached object deleted by another application: search again on a fresh session.
+    p11x.ObjectHandleInvalid,
+    p11x.KeyHandleInvalid,
 )
 
 _PIN_ERRORS: tuple[type[Exception], ...] = (
@@ -321,6 +324,10 @@ class _SlotState:
     session: Any  # pkcs11.Session; typed loosely because the Cython class has no stub
     mechanisms: frozenset[int] | None  # None: the token would not list them
     logged_in: bool
+    # Found key objects by (class, label): a C_FindObjects per call would cost more than the
+    # signature. Dropped on every change we make; a change made by another application shows
+    # up as an invalid handle, after which the session is reopened and the search redone.
+    objects: dict[tuple[int, str], Any] = attrs.field(factory=dict)
 
     def describe(self) -> str:
         return f"token {self.token_label!r} (slot {self.slot_id})"
@@ -411,6 +418,7 @@ class Pkcs11Library:
             uri,
             f"generating key pair {label!r}",
             lambda st: self._generate_key_pair(st, label, wanted),
+            mutates=True,
         )
 
     def generate_secret(self, uri: Pkcs11Uri, label: str, usage: Iterable[str]) -> str:
@@ -425,6 +433,7 @@ class Pkcs11Library:
             uri,
             f"generating secret key {label!r}",
             lambda st: self._generate_secret(st, label, kind),
+            mutates=True,
         )
 
     def import_secret(
@@ -447,6 +456,7 @@ class Pkcs11Library:
             uri,
             f"importing secret key {label!r}",
             lambda st: self._import_secret(st, label, key_bytes, kind),
+            mutates=True,
         )
 
     # ----------------------------------------------------------------------------------------
@@ -462,7 +472,7 @@ class Pkcs11Library:
             log.info("deleted %d %s object(s) labelled %r on %s", count, kind, label, st.describe())
             return count
 
-        return self._run(uri, f"deleting {kind} {label!r}", op)
+        return self._run(uri, f"deleting {kind} {label!r}", op, mutates=True)
 
     def move_key_pair(self, uri: Pkcs11Uri, from_label: str, to_label: str) -> None:
         """Relabel key pair ``from_label`` as ``to_label``, first deleting any ``to_label`` pair.
@@ -477,6 +487,7 @@ class Pkcs11Library:
             uri,
             f"moving key pair {from_label!r} to {to_label!r}",
             lambda st: self._move_key_pair(st, from_label, to_label),
+            mutates=True,
         )
 
     # ----------------------------------------------------------------------------------------
@@ -548,8 +559,12 @@ class Pkcs11Library:
     # ----------------------------------------------------------------------------------------
     # Sessions
 
-    def _run(self, uri: Pkcs11Uri, what: str, op: Callable[[_SlotState], T]) -> T:
+    def _run(
+        self, uri: Pkcs11Uri, what: str, op: Callable[[_SlotState], T], *, mutates: bool = False
+    ) -> T:
         state = self._state(uri)
+        if mutates:
+            op = _forgetting_objects(op)
         try:
             return op(state)
         except _RECONNECT_ERRORS as exc:
@@ -772,7 +787,12 @@ class Pkcs11Library:
         return list(state.session.get_objects({Attribute.CLASS: cls, Attribute.LABEL: label}))
 
     def _find_one(self, state: _SlotState, cls: ObjectClass, label: str) -> Any | None:
+        cached = state.objects.get((int(cls), label))
+        if cached is not None:
+            return cached
         found = self._find_all(state, cls, label)
+        if found:
+            state.objects[(int(cls), label)] = found[0]
         if len(found) > 1:
             log.warning(
                 "%d %s objects are labelled %r on %s; using the first",
@@ -1126,6 +1146,19 @@ class Pkcs11Library:
             # python-pkcs11 only gives objects with CKA_SIGN=true a sign method.
             raise InvalidParameter(f"key {label!r} is not allowed to sign (CKA_SIGN is false)")
         return bytes(sign(data, mechanism=mechanism))
+
+
+def _forgetting_objects(op: Callable[[_SlotState], T]) -> Callable[[_SlotState], T]:
+    """`op` changes objects: cached handles are dropped before and after it."""
+
+    def run(state: _SlotState) -> T:
+        state.objects.clear()
+        try:
+            return op(state)
+        finally:
+            state.objects.clear()
+
+    return run
 
 
 def _pin_digest(pin: str) -> str:
