@@ -328,6 +328,24 @@ class _SlotState:
     # signature. Dropped on every change we make; a change made by another application shows
     # up as an invalid handle, after which the session is reopened and the search redone.
     objects: dict[tuple[int, str], Any] = attrs.field(factory=dict)
+    # Immutable attributes of those objects (key type, curve, modulus) by (handle, attribute).
+    attributes: dict[tuple[int, int], Any] = attrs.field(factory=dict)
+
+    def attribute(self, obj: Any, attribute: Attribute) -> Any:
+        key = (obj.handle, int(attribute))
+        if key not in self.attributes:
+            self.attributes[key] = obj[attribute]
+        return self.attributes[key]
+
+    def key_type(self, obj: Any) -> KeyType | None:
+        try:
+            return self.attribute(obj, Attribute.KEY_TYPE)
+        except ValueError:
+            return None  # a vendor key type python-pkcs11 has no enum member for
+
+    def forget_objects(self) -> None:
+        self.objects.clear()
+        self.attributes.clear()
 
     def describe(self) -> str:
         return f"token {self.token_label!r} (slot {self.slot_id})"
@@ -1070,10 +1088,10 @@ class Pkcs11Library:
 
     def _sign_ecdsa(self, state: _SlotState, label: str, digest: bytes) -> bytes:
         key = self._private_key(state, label)
-        if _key_type(key) != KeyType.EC:
+        if state.key_type(key) != KeyType.EC:
             raise InvalidParameter(f"key pair {label!r} is not an EC key, so it cannot do ECDSA")
         self._require(state, Mechanism.ECDSA, "ECDSA signing")
-        curve = _CURVES.get(key[Attribute.EC_PARAMS])
+        curve = _CURVES.get(state.attribute(key, Attribute.EC_PARAMS))
         if curve is not None and len(digest) > curve.field_len:
             # OpenSSL uses the leftmost order-length bits of a longer digest; not every token
             # does, so hand over exactly what OpenSSL would use.
@@ -1088,7 +1106,7 @@ class Pkcs11Library:
 
     def _hmac(self, state: _SlotState, label: str, message: bytes) -> bytes:
         key = self._secret_key(state, label)
-        if _key_type(key) == KeyType.AES:
+        if state.key_type(key) == KeyType.AES:
             raise InvalidParameter(f"secret key {label!r} is an AES key, not an HMAC key")
         self._require(state, Mechanism.SHA256_HMAC, "HMAC-SHA256")
         return self._sign(key, label, message, Mechanism.SHA256_HMAC)
@@ -1104,7 +1122,7 @@ class Pkcs11Library:
         encrypt: bool,
     ) -> bytes:
         key = self._secret_key(state, label)
-        if _key_type(key) != KeyType.AES:
+        if state.key_type(key) != KeyType.AES:
             raise InvalidParameter(f"secret key {label!r} is not an AES key")
         self._require(state, Mechanism.AES_GCM, "AES-GCM")
         params, _keepalive = _gcm_param(iv, aad)
@@ -1118,9 +1136,9 @@ class Pkcs11Library:
         self, state: _SlotState, label: str, data: bytes, padding: RsaPadding
     ) -> bytes:
         key = self._private_key(state, label)
-        if _key_type(key) != KeyType.RSA:
+        if state.key_type(key) != KeyType.RSA:
             raise InvalidParameter(f"key pair {label!r} is not an RSA key")
-        modulus_len = len(_minimal_be(key[Attribute.MODULUS]))
+        modulus_len = len(_minimal_be(state.attribute(key, Attribute.MODULUS)))
         if padding == "pkcs1":
             mechanism = Mechanism.RSA_PKCS
             if len(data) > modulus_len - 11:
@@ -1152,11 +1170,11 @@ def _forgetting_objects(op: Callable[[_SlotState], T]) -> Callable[[_SlotState],
     """`op` changes objects: cached handles are dropped before and after it."""
 
     def run(state: _SlotState) -> T:
-        state.objects.clear()
+        state.forget_objects()
         try:
             return op(state)
         finally:
-            state.objects.clear()
+            state.forget_objects()
 
     return run
 
