@@ -1,0 +1,305 @@
+"""Crash safety: SIGKILL aziotd at random moments during a stream of writes, then check.
+
+A client thread sends key writes one at a time (imports, creations, key pair creations, moves,
+deletions) and records each one the daemon acknowledged. At a random moment the daemon is
+killed with SIGKILL; the one request then in flight may or may not have taken effect. After a
+restart every acknowledged write must be there and intact, nothing half-written may be visible,
+and handles issued before the kill must still work.
+
+Used by tests/test_crash_safety.py (a bounded run) and bench/crash_safety.py (a long one).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cryptography.hazmat.primitives import serialization
+
+from actors.keys.store import key_file_name
+from tests.daemon import Keyd
+
+# Widen the windows between writing, syncing and renaming, so kills land inside them.
+FAULTS = "store.fsync=delay=0.003@0.5;store.write=delay=0.002@0.3"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@attrs.define
+class Expected:
+    """What the store must hold for one id: absent, a symmetric key's bytes, or a key pair."""
+
+    kind: str  # "absent", "sym" (data set), "any-sym" (generated: exists, bytes unknown), "pair"
+    data: bytes = b""
+    public: bytes = b""  # for pairs: the ec-point or modulus the daemon reported
+
+
+@attrs.define
+class Model:
+    state: dict[str, Expected] = attrs.field(factory=dict)
+    handles: dict[str, tuple[str, str]] = attrs.field(factory=dict)  # id -> (handle, kind)
+    # The request in flight at the kill: (id, the state if it took effect).
+    pending: list[tuple[str, Expected]] = attrs.field(factory=list)
+    acknowledged: int = 0
+
+    def accept(self, key_id: str, after: Expected, *, pending: bool) -> None:
+        if pending:
+            self.pending.append((key_id, after))
+        else:
+            self.state[key_id] = after
+            self.acknowledged += 1
+
+
+@attrs.define
+class CycleReport:
+    acknowledged: int
+    operations: Counter[str]
+    violations: list[str]
+
+
+class WriteStream:
+    """Sequential key writes against `keyd`, recorded in `model`, until the daemon dies."""
+
+    def __init__(self, keyd: Keyd, model: Model, rng: random.Random, ids: int = 24) -> None:
+        self.keyd = keyd
+        self.model = model
+        self.rng = rng
+        self.ids = [f"crash-{n}" for n in range(ids)]
+        self.operations: Counter[str] = Counter()
+        self.failure: str | None = None
+
+    def run(self) -> None:
+        try:
+            while True:
+                self.step()
+        except OSError:
+            return  # the daemon was killed; the last step recorded its pending write
+        except Exception as error:  # a wrong answer before the kill: the check reports it
+            self.failure = f"before the kill: {error!r}"
+
+    def _call(self, method: str, path: str, body: Any, key_id: str, after: Expected) -> Any:
+        try:
+            reply = self.keyd.call(method, path, body)
+        except OSError:
+            self.model.accept(key_id, after, pending=True)
+            raise
+        return reply
+
+    def step(self) -> None:
+        rng, model = self.rng, self.model
+        key_id = rng.choice(self.ids)
+        current = model.state.get(key_id, Expected("absent"))
+        choice = rng.random()
+        if current.kind == "pair":
+            if choice < 0.5:
+                self._move(key_id)
+            else:
+                self._delete(key_id, "pair")
+            return
+        if current.kind in ("sym", "any-sym") and choice < 0.25:
+            self._delete(key_id, "sym")
+            return
+        if current.kind == "absent" and choice < 0.3:
+            self._create_pair(key_id)
+            return
+        if current.kind == "absent" and choice < 0.5:
+            after = Expected("any-sym")
+            reply = self._call("POST", "/key", {"keyId": key_id, "usage": "sign"}, key_id, after)
+            self._acknowledge(reply, key_id, after, "sym", "generate")
+            return
+        data = rng.randbytes(rng.choice([16, 32, 64, 700]))
+        after = Expected("sym", data)
+        body = {"keyId": key_id, "usage": "sign", "keyBytes": b64(data)}
+        reply = self._call("POST", "/key", body, key_id, after)
+        self._acknowledge(reply, key_id, after, "sym", "import")
+
+    def _acknowledge(self, reply: Any, key_id: str, after: Expected, kind: str, op: str) -> None:
+        if reply.status != 200:
+            raise AssertionError(f"{op} {key_id}: {reply.status} {reply.body!r}")
+        self.model.accept(key_id, after, pending=False)
+        self.model.handles[key_id] = (reply.json()["keyHandle"], kind)
+        self.operations[op] += 1
+
+    def _create_pair(self, key_id: str) -> None:
+        algorithm = self.rng.choice(["ec-p256", "ec-p256", "rsa-2048"])
+        after = Expected("pair")
+        body = {"keyId": key_id, "preferredAlgorithms": algorithm}
+        reply = self._call("POST", "/keypair", body, key_id, after)
+        self._acknowledge(reply, key_id, after, "pair", "create-pair")
+        # Remember the public half so that a later check can tell this pair from another.
+        handle = reply.json()["keyHandle"]
+        name = "ec-point" if algorithm == "ec-p256" else "rsa-modulus"
+        self.model.state[key_id].public = self._parameter(handle, name, key_id)
+
+    def _parameter(self, handle: str, name: str, key_id: str) -> bytes:
+        reply = self._call(
+            "POST", f"/parameters/{name}", {"keyHandle": handle}, key_id, self.model.state[key_id]
+        )
+        if reply.status != 200:
+            raise AssertionError(f"parameter {name} of {key_id}: {reply.status} {reply.body!r}")
+        return base64.b64decode(reply.json()["value"])
+
+    def _move(self, source: str) -> None:
+        target = self.rng.choice([i for i in self.ids if i != source])
+        moved = attrs.evolve(self.model.state[source])
+        try:
+            reply = self.keyd.call("POST", f"/keypair/{target}", {"from": source})
+        except OSError:
+            # Either nothing happened, or the source is gone and the target holds the pair.
+            self.model.pending.append((source, Expected("absent")))
+            self.model.pending.append((target, moved))
+            raise
+        if reply.status != 204:
+            raise AssertionError(f"move {source} -> {target}: {reply.status} {reply.body!r}")
+        self.model.state[source] = Expected("absent")
+        self.model.state[target] = moved
+        self.model.handles.pop(source, None)
+        self.model.handles.pop(target, None)
+        self.model.acknowledged += 1
+        self.operations["move"] += 1
+
+    def _delete(self, key_id: str, kind: str) -> None:
+        handle = self.model.handles.get(key_id)
+        if handle is None:
+            reply = self.keyd.call("GET", f"/{'keypair' if kind == 'pair' else 'key'}/{key_id}")
+            if reply.status != 200:
+                raise AssertionError(f"load {key_id}: {reply.status} {reply.body!r}")
+            handle = (reply.json()["keyHandle"], kind)
+        after = Expected("absent")
+        path = "/keypair" if kind == "pair" else "/key"
+        reply = self._call("DELETE", path, {"keyHandle": handle[0]}, key_id, after)
+        if reply.status != 204:
+            raise AssertionError(f"delete {key_id}: {reply.status} {reply.body!r}")
+        self.model.accept(key_id, after, pending=False)
+        self.model.handles.pop(key_id, None)
+        self.operations["delete"] += 1
+
+
+def stored_state(keyd: Keyd, key_id: str) -> tuple[Expected, str | None]:
+    """What is on disk for `key_id`, and a problem if the file is unreadable or torn."""
+    path = keyd.keys_dir / key_file_name(key_id)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return Expected("absent"), None
+    if data.startswith(b"-----BEGIN"):
+        try:
+            key = serialization.load_pem_private_key(data, None)
+        except ValueError as error:
+            return Expected("pair"), f"{path.name}: torn key pair file ({error})"
+        numbers = key.public_key().public_numbers()
+        if hasattr(numbers, "n"):
+            public = numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")
+        else:
+            public = key.public_key().public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+            )
+        return Expected("pair", public=public), None
+    if not data:
+        return Expected("sym"), f"{path.name}: empty symmetric key file"
+    return Expected("sym", data), None
+
+
+def describe(state: Expected) -> str:
+    if state.kind == "sym":
+        return f"a {len(state.data)}-byte key {state.data[:4].hex()}…"
+    if state.kind == "pair":
+        return f"a key pair {state.public[:4].hex()}…"
+    return {"absent": "nothing", "any-sym": "a generated 32-byte key"}[state.kind]
+
+
+def matches(found: Expected, wanted: Expected) -> bool:
+    if wanted.kind == "absent":
+        return found.kind == "absent"
+    if wanted.kind == "any-sym":
+        return found.kind == "sym" and len(found.data) == 32
+    if wanted.kind == "sym":
+        return found.kind == "sym" and found.data == wanted.data
+    return found.kind == "pair" and (not wanted.public or found.public == wanted.public)
+
+
+def check(keyd: Keyd, model: Model) -> list[str]:
+    """Every acknowledged write is intact (or the in-flight one took effect); nothing torn."""
+    violations = []
+    pending: dict[str, list[Expected]] = {}
+    for key_id, after in model.pending:
+        pending.setdefault(key_id, []).append(after)
+    for key_id in sorted(set(model.state) | set(pending)):
+        found, problem = stored_state(keyd, key_id)
+        if problem:
+            violations.append(problem)
+            continue
+        allowed = [model.state.get(key_id, Expected("absent")), *pending.get(key_id, [])]
+        if not any(matches(found, wanted) for wanted in allowed):
+            violations.append(
+                f"{key_id}: stored {describe(found)}, acknowledged {describe(allowed[0])}"
+                + (
+                    f" (or in flight: {', '.join(describe(p) for p in allowed[1:])})"
+                    * bool(allowed[1:])
+                )
+            )
+            continue
+        if not matches(found, allowed[0]):
+            model.handles.pop(key_id, None)  # the in-flight write won; its handle never came
+        model.state[key_id] = found  # what the next cycle starts from
+    model.pending.clear()
+    leftovers = [p.name for p in keyd.keys_dir.glob(".*")] if keyd.keys_dir.exists() else []
+    if leftovers:
+        violations.append(f"temporary files left after restart: {leftovers}")
+    return violations
+
+
+def check_handles(keyd: Keyd, model: Model) -> list[str]:
+    """Handles issued before the kill still work after the restart."""
+    violations = []
+    for key_id, (handle, kind) in sorted(model.handles.items()):
+        if kind == "sym":
+            body = {
+                "keyHandle": handle,
+                "algorithm": "HMAC-SHA256",
+                "parameters": {"message": b64(b"after the crash")},
+            }
+            reply = keyd.call("POST", "/sign", body)
+        else:
+            reply = keyd.call("POST", "/parameters/algorithm", {"keyHandle": handle})
+        if reply.status != 200:
+            violations.append(f"{key_id}: old handle answered {reply.status} {reply.body!r}")
+    return violations
+
+
+def run_cycle(keyd: Keyd, model: Model, rng: random.Random, max_wait: float) -> CycleReport:
+    """Stream writes to the running daemon, SIGKILL it at a random moment, restart, check.
+
+    The daemon is left running for the next cycle.
+    """
+    stream = WriteStream(keyd, model, rng)
+    client = threading.Thread(target=stream.run, name="crash-client")
+    client.start()
+    time.sleep(rng.uniform(0.01, max_wait))
+    assert keyd.process is not None
+    os.kill(keyd.process.pid, signal.SIGKILL)
+    keyd.process.wait(10)
+    keyd.process = None
+    client.join(30)
+    if client.is_alive():
+        raise AssertionError("the client thread hung after the kill")
+    before = model.acknowledged
+    keyd.start()
+    violations = check(keyd, model) + check_handles(keyd, model)
+    if stream.failure:
+        violations.insert(0, stream.failure)
+    return CycleReport(before, stream.operations, violations)
+
+
+def new_keyd(root: Path) -> Keyd:
+    return Keyd(root, env={"AZIOTD_FAULTS": FAULTS, "AZIOT_LOG_LEVEL": "warn"})
