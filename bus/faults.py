@@ -1,6 +1,6 @@
 """Fault injection: make a named point fail, hang, slow down or crash its actor, on purpose.
 
-Operators and tests rehearse failures with `AZIOTD_FAULTS` (or a `[faults]` table), e.g.
+Operators and tests rehearse failures with the `AZIOTD_FAULTS` environment variable, e.g.
 
     AZIOTD_FAULTS="bus.deliver.keys=crash*1; store.write=delay=0.5@0.2"
 

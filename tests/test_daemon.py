@@ -127,6 +127,26 @@ def test_a_crashed_keys_actor_is_restarted(world_dir: Path) -> None:
         keyd.stop()
 
 
+def test_a_failed_disk_write_is_a_500_that_changes_nothing(world_dir: Path) -> None:
+    keyd = Keyd(world_dir / "keyd").start()
+    keyd.stop()  # the handle-validation key now exists: the first write below is the import
+    keyd.env["AZIOTD_FAULTS"] = "store.write=error*1"
+    keyd.start()
+    try:
+        before = keyd.snapshot()
+        body = {"keyId": "sym", "usage": "sign", "keyBytes": "AAECAwQFBgcICQoLDA0ODw=="}
+        reply = keyd.call("POST", "/key", body)
+        assert (reply.status, reply.message) == (500, "internal error")
+        assert keyd.snapshot() == before  # no key, no temp file
+        reply = keyd.call("POST", "/key", body)
+        assert reply.status == 200
+        stored = keyd.keys_dir.glob("sym-*.key")
+        assert [p.read_bytes() for p in stored] == [bytes(range(16))]
+        assert "injected fault at store.write" in keyd.logs()
+    finally:
+        keyd.stop()
+
+
 def test_past_the_restart_limit_the_daemon_exits_nonzero(world_dir: Path) -> None:
     keyd = Keyd(world_dir / "keyd", env={"AZIOTD_FAULTS": "bus.deliver.keys=crash"}).start()
     for _ in range(10):

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import trio
 
-from bus.errors import BusError, internal, invalid, unauthorized
+from bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
 
 from . import filecrypto
 from .authz import KeyAuthorizer, KeyPrincipal
@@ -183,6 +183,11 @@ class KeysActor:
             return await self._handlers[type(message)](message)
         except TokenError as error:
             raise error.for_client() from None
+        except BusError as error:
+            if error.kind is not ErrorKind.INTERNAL or error.message == "internal error":
+                raise
+            log.error("%s failed: %s", op, error.message)  # e.g. an injected disk fault
+            raise internal("internal error") from None
         except LibError as error:
             log.warning("%s failed: %s", op, error)
             if error.generic:
