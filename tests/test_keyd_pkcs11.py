@@ -313,18 +313,35 @@ def test_a_hung_token_does_not_stop_file_keys(world_dir, token) -> None:
         keyd.stop(timeout=30)
 
 
-def test_a_crashed_token_worker_restarts(world_dir, token) -> None:
+def test_a_crashed_token_worker_restarts_and_file_keys_never_notice(world_dir, token) -> None:
+    path, device_key = preloaded_file_key(world_dir)
     keyd = Keyd(
-        world_dir / "keyd", token=token, env={"AZIOTD_FAULTS": "bus.deliver.pkcs11=crash@0.5*3"}
+        world_dir / "keyd",
+        token=token,
+        extra_config=f'[preloaded_keys]\nfile-key = "file://{path}"\n',
+        env={"AZIOTD_FAULTS": "bus.deliver.pkcs11=crash@0.3*4"},
     ).start()
     try:
-        statuses = Counter()
-        for _ in range(20):
-            reply = keyd.call("POST", "/keypair", {"keyId": "device-id"})
+        file_handle = handle_of(keyd.call("GET", "/keypair/file-key"))
+        statuses: Counter[int] = Counter()
+        digest = hashlib.sha256(b"m").digest()
+        for n in range(30):
+            reply = keyd.call("POST", "/keypair", {"keyId": f"token-{n % 3}"})
             statuses[reply.status] += 1
-            assert reply.status in (200, 503), reply.body
-        assert statuses[200] >= 10
-        wait_for_log(keyd, "actor pkcs11 crashed")
+            if reply.status == 503:
+                assert reply.message.startswith(
+                    "the PKCS#11 token is unavailable: pkcs11 restarted"
+                )
+            else:
+                assert reply.status == 200, reply.body
+            # The keys actor and file keys are untouched by the worker's crashes.
+            device_key.public_key().verify(
+                sign(keyd, file_handle, "ECDSA", digest=digest),
+                digest,
+                ec.ECDSA(utils.Prehashed(hashes.SHA256())),
+            )
+        assert statuses[200] >= 20 and statuses[503] >= 1, statuses
+        assert "actor pkcs11 crashed" in keyd.logs()
         assert keyd.process.poll() is None
     finally:
         keyd.stop()
