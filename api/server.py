@@ -133,30 +133,42 @@ class UnixServer:
         self._config = hypercorn_config()
         self._context = WorkerContext(None)
         self._per_uid: Counter[int] = Counter()
+        self._streams: set[trio.SocketStream] = set()
         hostless.install()
 
     async def serve(
         self, shutdown: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                accepting.start_soon(
-                    partial(
-                        trio.serve_listeners,
-                        self._serve_connection,
-                        [listener],
-                        handler_nursery=connections,
+        async with trio.open_nursery() as watchdog:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            self._serve_connection,
+                            [listener],
+                            handler_nursery=connections,
+                        )
                     )
-                )
-                task_status.started()
-                await shutdown.wait()
-                accepting.cancel_scope.cancel()
-            await listener.aclose()
-            await self._context.terminated.set()  # idle keep-alive connections close now
-            connections.cancel_scope.deadline = trio.current_time() + GRACE_PERIOD
-            log.info("%s: stopped accepting; draining open connections", self.name)
+                    task_status.started()
+                    await shutdown.wait()
+                    accepting.cancel_scope.cancel()
+                await listener.aclose()
+                await self._context.terminated.set()  # idle keep-alive connections close now
+                connections.cancel_scope.deadline = trio.current_time() + GRACE_PERIOD
+                watchdog.start_soon(self._close_stuck_connections, GRACE_PERIOD + 1.0)
+                log.info("%s: stopped accepting; draining open connections", self.name)
+            watchdog.cancel_scope.cancel()
         log.info("%s: socket closed", self.name)
+
+    async def _close_stuck_connections(self, after: float) -> None:
+        """Cancellation cannot reach a response write hypercorn shields: a client that stops
+        reading would hold the shutdown forever. Closing the socket ends that write."""
+        await trio.sleep(after)
+        for stream in list(self._streams):
+            log.warning("%s: closing a connection whose client stopped reading", self.name)
+            stream.socket.close()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
@@ -172,11 +184,13 @@ class UnixServer:
             await stream.aclose()
             return
         self._per_uid[uid] += 1
+        self._streams.add(stream)
         try:
             await _Connection(
                 _PeerApp(self._app, (uid, pid)), self._config, self._context, {}, stream
             ).run()
         finally:
+            self._streams.discard(stream)
             self._per_uid[uid] -= 1
             if not self._per_uid[uid]:
                 del self._per_uid[uid]
