@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import re
+from functools import partial
 from typing import Any
 
 _PY_JSON_ERROR = re.compile(r"^(?P<what>.*?): line (?P<line>\d+) column (?P<col>\d+)")
@@ -54,9 +55,14 @@ def parse_json(raw: bytes) -> Any:
             f"EOF while parsing a value at line {len(lines)} column {len(lines[-1])}"
         )
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        value = json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=partial(_no_constant, text)
+        )
     except JsonSyntaxError:
         raise
+    except RecursionError:
+        # serde_json stops at depth 128; Python would only fail much deeper, and with a crash.
+        raise JsonSyntaxError(f"recursion limit exceeded at {_end_position(text)}") from None
     except ShapeError as error:
         raise JsonSyntaxError(f"{error} at {_end_position(text)}") from None
     except json.JSONDecodeError as error:
@@ -66,6 +72,45 @@ def parse_json(raw: bytes) -> Any:
         if error.pos >= len(text.rstrip()):
             wording = "EOF while parsing a value"
         raise JsonSyntaxError(f"{wording} at line {error.lineno} column {error.colno}") from None
+    if _LONE_SURROGATE.search(text) and _has_surrogate(value):
+        raise JsonSyntaxError(f"lone leading surrogate in hex escape at {_end_position(text)}")
+    if _depth_over(value, 127):
+        raise JsonSyntaxError(f"recursion limit exceeded at {_end_position(text)}")
+    return value
+
+
+_LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _no_constant(text: str, name: str) -> Any:
+    """NaN and Infinity are not JSON; serde_json refuses them."""
+    before = text[: max(text.find(name), 0)]
+    line = before.count("\n") + 1
+    column = len(before) - (before.rfind("\n") + 1) + 1
+    raise JsonSyntaxError(f"expected value at line {line} column {column}")
+
+
+def _has_surrogate(value: Any) -> bool:
+    """Whether a decoded string holds a UTF-16 surrogate (serde_json refuses lone ones)."""
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

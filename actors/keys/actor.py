@@ -75,11 +75,17 @@ def mechanism_error() -> BusError:
 
 
 def check_id(key_id: str) -> None:
-    position = key_id.find("\0")
+    check_nul("id", key_id)
+
+
+def check_nul(name: str, text: str) -> None:
+    """Rust's CString::new refuses NUL; its error counts the position in UTF-8 bytes."""
+    position = text.find("\0")
     if position >= 0:
+        offset = len(text[:position].encode("utf-8", "surrogatepass"))
         raise invalid(
-            'parameter "id" has an invalid value\n'
-            f"caused by: nul byte found in provided data at position: {position}"
+            f'parameter "{name}" has an invalid value\n'
+            f"caused by: nul byte found in provided data at position: {offset}"
         )
 
 
@@ -389,7 +395,9 @@ class KeysActor:
         refused: TokenError | None = None
         for where in self._locator.of(key_id):
             if isinstance(where, FileLocation):
-                await self._store.write(where.path, key_bytes or os.urandom(32))
+                await self._store.write(
+                    where.path, os.urandom(32) if key_bytes is None else key_bytes
+                )
                 return where.describe()
             token = self._need_token()
             try:
@@ -418,6 +426,8 @@ class KeysActor:
     async def _create_key_pair(self, msg: CreateKeyPair) -> dict[str, str]:
         check_id(msg.key_id)
         self._authorize(msg.uid, msg.key_id)
+        if msg.preferred_algorithms is not None:
+            check_nul("preferred_algorithms", msg.preferred_algorithms)
         async with self._write_lock:
             if await self._find_key_pair(msg.key_id, creating=True) is None:
                 algorithms = parse_preferred_algorithms(msg.preferred_algorithms)
@@ -455,7 +465,11 @@ class KeysActor:
         self._authorize(msg.uid, msg.source)
         self._authorize(msg.uid, msg.destination)
         async with self._write_lock:
-            found = await self._find_key_pair(msg.source)
+            try:
+                found = await self._find_key_pair(msg.source)
+            except LibError:
+                # An unreadable file: the original renames whatever the file holds.
+                found = Pair()
             candidates = self._locator.of(msg.source)
             source: FileLocation | TokenLocation = candidates[0]
             if found is not None and found.token is not None:
@@ -567,6 +581,7 @@ class KeysActor:
         if ref.kind == "Derived":
             key = await self._derived_key(ref)
         else:
+
             async def use(where: TokenLocation) -> Any:
                 # Token keys only know the current format (0x02 || ciphertext || tag).
                 if len(msg.ciphertext) < 17:

@@ -38,7 +38,8 @@ class _Cached:
 def write_atomic(path: Path, data: bytes, faults: Faults, mode: int = 0o600) -> None:
     """Write `data` to `path` so that a crash leaves the old file or the new one, never a mix."""
     directory = path.parent
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    # A short name: the key file name itself may already be at the 255-byte limit.
+    fd, temp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as file:
             faults.hit_blocking("store.write")
