@@ -29,7 +29,7 @@ from hypercorn.events import Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
-from . import hostless
+from . import hostless, http1_only
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ class UnixServer:
         self._per_uid: Counter[int] = Counter()
         self._streams: set[trio.SocketStream] = set()
         hostless.install()
+        http1_only.install()
 
     async def serve(
         self, shutdown: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

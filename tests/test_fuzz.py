@@ -1913,14 +1913,6 @@ def test_struct_bodies_may_be_json_arrays(world: World, name: str) -> None:
     pin(world, request, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the daemon speaks HTTP/2: a request with `Upgrade: h2c` gets `101 Switching "
-    "Protocols` (hypercorn), and the HTTP/2 preface gets a SETTINGS frame. The original is "
-    "HTTP/1.1 only (spec §1.2: hyper http1 server): it answers the request itself over "
-    "HTTP/1.1. Over HTTP/2 one connection carries many concurrent requests, around the "
-    "one-request-per-connection and per-uid connection limit (max_requests, spec §1.5)",
-)
 @PIN
 @given(preface=st.booleans())
 def test_http2_is_not_spoken(world: World, preface: bool) -> None:
