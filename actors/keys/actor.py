@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -126,6 +126,7 @@ def token_parameter(params: dict[str, Any], name: str) -> bytes | str:
 
 
 TokenUse = Callable[[TokenLocation], Awaitable[Any]]
+Found = TypeVar("Found", "Secret", "Pair")
 
 
 class KeysActor:
@@ -278,50 +279,61 @@ class KeysActor:
         key may well be on it. When creating, an unreachable token stops the search: a second
         key elsewhere would shadow the real one.
         """
-        unreachable: TokenError | None = None
-        for where in self._locator.of(key_id):
-            if isinstance(where, FileLocation):
-                data = await self._store.read(where.path)
-                if data:
-                    return Secret(data=data)
-                if data is not None and not creating:
-                    raise external(f"key {key_id} is empty")
-                continue
-            try:
-                if use is not None:
-                    return Secret(token=where, result=await use(where))
-                if await self._need_token().has_secret(where):
-                    return Secret(token=where)
-            except TokenError as error:
-                if error.missing:
-                    continue
-                if creating or not error.unreachable:
-                    raise
-                unreachable = error
-        if unreachable is not None:
-            raise unreachable
-        return None
+
+        async def from_file(where: FileLocation) -> Secret | None:
+            data = await self._store.read(where.path)
+            if data:
+                return Secret(data=data)
+            if data is not None and not creating:
+                raise external(f"key {key_id} is empty")
+            return None
+
+        def on_token(where: TokenLocation, result: Any) -> Secret:
+            return Secret(token=where, result=result)
+
+        return await self._search(key_id, creating, use, from_file, "find_secret", on_token)
 
     async def _find_key_pair(
         self, key_id: str, *, creating: bool = False, use: TokenUse | None = None
     ) -> Pair | None:
         """As `_find_secret`, for key pairs (an unreadable file counts as absent when creating)."""
+
+        async def from_file(where: FileLocation) -> Pair | None:
+            found = await self._store.parsed(where.path, "key_pair", filecrypto.parse_key_pair)
+            if found is None:
+                return None
+            if found[1] is None:
+                if creating:
+                    return None
+                raise external(f"key pair {key_id} is not a private key we can read")
+            return Pair(key=found[1])
+
+        def on_token(where: TokenLocation, result: Any) -> Pair:
+            return Pair(token=where, result=result)
+
+        return await self._search(key_id, creating, use, from_file, "find_key_pair", on_token)
+
+    async def _search(
+        self,
+        key_id: str,
+        creating: bool,
+        use: TokenUse | None,
+        from_file: Callable[[FileLocation], Awaitable[Found | None]],
+        find_op: str,
+        on_token: Callable[[TokenLocation, Any], Found],
+    ) -> Found | None:
         unreachable: TokenError | None = None
         for where in self._locator.of(key_id):
             if isinstance(where, FileLocation):
-                found = await self._store.parsed(where.path, "key_pair", filecrypto.parse_key_pair)
-                if found is None:
-                    continue
-                if found[1] is None:
-                    if creating:
-                        continue
-                    raise external(f"key pair {key_id} is not a private key we can read")
-                return Pair(key=found[1])
+                found = await from_file(where)
+                if found is not None:
+                    return found
+                continue
             try:
                 if use is not None:
-                    return Pair(token=where, result=await use(where))
-                if await self._need_token().has_key_pair(where):
-                    return Pair(token=where)
+                    return on_token(where, await use(where))
+                if await self._need_token().call(find_op, where):
+                    return on_token(where, None)
             except TokenError as error:
                 if error.missing:
                     continue

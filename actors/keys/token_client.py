@@ -79,12 +79,6 @@ class TokenClient:
         except BusError as error:
             raise TokenError(error, what) from None
 
-    async def has_secret(self, where: TokenLocation) -> bool:
-        return bool(await self.call("find_secret", where))
-
-    async def has_key_pair(self, where: TokenLocation) -> bool:
-        return bool(await self.call("find_key_pair", where))
-
     async def hmac(self, where: TokenLocation, message: bytes) -> bytes:
         return bytes(await self.call("hmac_sha256", where, message=message))
 
