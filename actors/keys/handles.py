@@ -82,7 +82,9 @@ class HandleSealer:
         body = json.dumps(
             {"key_id": ref.to_json(), "nonce": nonce}, separators=(",", ":"), ensure_ascii=False
         ).encode("utf-8")
-        return f"sr={b64encode(body)}&sig={b64encode(await self._mac(body))}"
+        handle = f"sr={b64encode(body)}&sig={b64encode(await self._mac(body))}"
+        self._remember(handle, ref)  # minted here, so already known good: no MAC on first use
+        return handle
 
     async def open(self, handle: str) -> KeyRef:
         """Validate `handle` and return what it names (a Derived base is validated too)."""
@@ -91,10 +93,13 @@ class HandleSealer:
             self._opened.move_to_end(handle)
             return ref
         ref = await self._open_uncached(handle)
+        self._remember(handle, ref)
+        return ref
+
+    def _remember(self, handle: str, ref: KeyRef) -> None:
         self._opened[handle] = ref
         if len(self._opened) > _CACHE_SIZE:
             self._opened.popitem(last=False)
-        return ref
 
     async def _open_uncached(self, handle: str) -> KeyRef:
         sr = sig = None
