@@ -15,7 +15,6 @@ from actors.keys.actor import KeysActor
 from actors.keys.authz import KeyPrincipal
 from actors.keys.messages import Principal, ReloadPrincipals, to_wire
 from actors.keys.pkcs11.uri import Pkcs11Uri
-from actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread
 from actors.keys.store import FileStore
 from actors.keys.token_client import TokenClient, TokenError
 from api.http import ServiceApp
@@ -94,9 +93,12 @@ def keyd_service(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[st
     config = load_keyd(paths)
     lib_path = config.aziot_keys.get("pkcs11_lib_path")
     token = TokenClient(bus) if lib_path else None
-    threads: list[TokenThread] = []  # the one library thread, kept across worker restarts
+    threads: list[Any] = []  # the one library thread, kept across worker restarts
 
-    async def start_pkcs11() -> Pkcs11Worker:
+    async def start_pkcs11() -> Any:
+        # Imported only when a token is configured: python-pkcs11 costs memory and start time.
+        from actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread
+
         assert lib_path is not None
         if not threads:
             threads.append(TokenThread(lib_path, faults))
