@@ -53,29 +53,25 @@ from hypothesis import strategies as st
 
 from tests import rawhttp
 from tests.daemon import Keyd
+from tests.keyd_texts import (
+    GENERIC,
+    INTERNAL,
+    INVALID_HANDLE,
+    MECHANISM,
+    MISSING_BODY,
+    NESTED,
+    NOT_A_KEY,
+    NOT_A_KEY_PAIR,
+    NOT_ALLOWED,
+    NOT_DERIVED,
+    NOT_FOUND,
+    SAME,
+    SERDE_POSITION,
+)
 
 API_VERSIONS = ("2020-09-01", "2021-05-01")
 NAME_MAX = 255  # a key file name longer than this fails in open(2): the original's 500
 
-GENERIC = "a parameter has an invalid value"
-INTERNAL = "internal error"
-MISSING_BODY = "missing request body"
-NOT_ALLOWED = "method not allowed"
-NOT_FOUND = "not found"
-SAME = "source and destination for move are identical"
-INVALID_HANDLE = 'parameter "handle" has an invalid value\ncaused by: invalid handle'
-MECHANISM = (
-    'parameter "mechanism" has an invalid value\n'
-    "caused by: mechanism cannot be used with this key type"
-)
-NOT_A_KEY = 'parameter "handle" has an invalid value\ncaused by: handle is not for a key'
-NOT_A_KEY_PAIR = 'parameter "handle" has an invalid value\ncaused by: handle is not for a key pair'
-NOT_DERIVED = 'parameter "handle" has an invalid value\ncaused by: handle is not for a derived key'
-NESTED = (
-    'parameter "handle" has an invalid value\ncaused by: '
-    "nested derived keys are not supported, import the outer derived key first"
-)
-SERDE_POSITION = re.compile(r" at line \d+ column \d+\Z")
 P256_OID_B64 = "BggqhkjOPQMBBw=="
 HANDLE_VALIDATION_KEY = "handle-validation-key"
 PARAMETER_NAMES = ("algorithm", "ec-curve-oid", "ec-point", "rsa-modulus", "rsa-exponent")

@@ -22,7 +22,6 @@ import hmac
 import json
 import os
 import pickle
-import re
 import shutil
 import tempfile
 import time
@@ -36,29 +35,24 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tests import rawhttp
 from tests.daemon import KEYD_VERSION, Keyd
+from tests.keyd_texts import (
+    GENERIC,
+    INTERNAL,
+    INVALID_HANDLE,
+    MECHANISM,
+    MISSING_BODY,
+    NESTED,
+    NOT_A_KEY,
+    NOT_A_KEY_PAIR,
+    NOT_ALLOWED,
+    NOT_DERIVED,
+    NOT_FOUND,
+    SAME,
+    SERDE_POSITION,
+)
 
 NOBODY = 65534  # a uid with a [[principal]] entry for `shared*` ids only
 
-GENERIC = "a parameter has an invalid value"
-INTERNAL = "internal error"
-MISSING_BODY = "missing request body"
-NOT_ALLOWED = "method not allowed"
-NOT_FOUND = "not found"
-SAME = "source and destination for move are identical"
-INVALID_HANDLE = 'parameter "handle" has an invalid value\ncaused by: invalid handle'
-MECHANISM = (
-    'parameter "mechanism" has an invalid value\n'
-    "caused by: mechanism cannot be used with this key type"
-)
-NOT_A_KEY = 'parameter "handle" has an invalid value\ncaused by: handle is not for a key'
-NOT_A_KEY_PAIR = 'parameter "handle" has an invalid value\ncaused by: handle is not for a key pair'
-NOT_DERIVED = 'parameter "handle" has an invalid value\ncaused by: handle is not for a derived key'
-NESTED = (
-    'parameter "handle" has an invalid value\ncaused by: '
-    "nested derived keys are not supported, import the outer derived key first"
-)
-# serde_json ends every error with the position where it stopped.
-SERDE_POSITION = re.compile(r" at line \d+ column \d+\Z")
 
 IV = base64.b64encode(bytes(range(12))).decode()
 HANDLE_KEY_FILE = (
