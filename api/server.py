@@ -29,7 +29,7 @@ from hypercorn.events import Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
-from . import hostless, http1_only
+from . import h11_as_hyper, http1_only
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,19 @@ class _PeerApp:
 
 
 class _Connection(TCPServer):
-    """hypercorn's per-connection server, with two changes: a response head leaves together
-    with its body, and a connection the peer has closed ends at once instead of waiting out
-    the keep-alive timer (it would hold its uid's connection slot until then)."""
+    """hypercorn's per-connection server, with three changes: a response head leaves together
+    with its body; a connection the peer has closed ends at once instead of waiting out the
+    keep-alive timer (it would hold its uid's connection slot until then); and the close waits
+    for a response being written, as hyper writes its answer before it closes."""
 
     _held = b""
+
+    async def _close(self) -> None:
+        # hypercorn sends EOF outside its send lock: when a client half-closes while its answer
+        # is being written, the EOF collides with the write (BusyResourceError) and the answer
+        # is lost.
+        async with self.send_lock:
+            await super()._close()
 
     async def _read_data(self) -> None:
         await super()._read_data()
@@ -134,7 +142,7 @@ class UnixServer:
         self._context = WorkerContext(None)
         self._per_uid: Counter[int] = Counter()
         self._streams: set[trio.SocketStream] = set()
-        hostless.install()
+        h11_as_hyper.install()
         http1_only.install()
 
     async def serve(

@@ -19,6 +19,7 @@ from bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
 
 from . import filecrypto
 from .authz import KeyAuthorizer, KeyPrincipal
+from .cstring import check_nul
 from .filecrypto import LibError, bad_parameter, external
 from .handles import (
     HANDLE_VALIDATION_KEY_ID,
@@ -76,17 +77,6 @@ def mechanism_error() -> BusError:
 
 def check_id(key_id: str) -> None:
     check_nul("id", key_id)
-
-
-def check_nul(name: str, text: str) -> None:
-    """Rust's CString::new refuses NUL; its error counts the position in UTF-8 bytes."""
-    position = text.find("\0")
-    if position >= 0:
-        offset = len(text[:position].encode("utf-8", "surrogatepass"))
-        raise invalid(
-            f'parameter "{name}" has an invalid value\n'
-            f"caused by: nul byte found in provided data at position: {offset}"
-        )
 
 
 @attrs.frozen

@@ -19,6 +19,8 @@ import attrs
 
 from bus.errors import BusError, invalid
 
+from .cstring import check_nul
+
 HANDLE_VALIDATION_KEY_ID = "handle-validation-key"
 _CACHE_SIZE = 4096
 
@@ -124,7 +126,7 @@ class HandleSealer:
         except (ValueError, KeyError, TypeError, AttributeError):
             raise invalid_handle() from None
         if kind in ("Key", "KeyPair") and isinstance(value, str):
-            return KeyRef(kind, value)
+            return KeyRef(kind, _storable_id(value))
         if kind == "Derived":
             try:
                 base, data = value
@@ -142,3 +144,12 @@ class HandleSealer:
         while ref.kind == "Derived":
             ref = await self.open(ref.base_handle)
         return ref
+
+
+def _storable_id(key_id: str) -> str:
+    """Only a forger holding the handle-validation key can name these; the original's serde
+    refuses a lone surrogate escape, and its C string conversion refuses NUL."""
+    if any("\ud800" <= c <= "\udfff" for c in key_id):
+        raise invalid_handle()
+    check_nul("handle", key_id)
+    return key_id
