@@ -14,10 +14,10 @@ import secrets
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import gcm
 
 P256_OID_DER = bytes.fromhex("06082a8648ce3d030107")
-_TAG_LEN = 16
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -66,16 +66,15 @@ def parse_key_pair(data: bytes) -> PrivateKey | None:
     return key if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) else None
 
 
-def _aes256(key: bytes) -> AESGCM:
-    if len(key) != 32:  # AESGCM would quietly run AES-128 or AES-192
+def _check_aes256(key: bytes) -> None:
+    if len(key) != 32:  # AES would quietly run AES-128 or AES-192
         raise external(f"AES-256-GCM needs a 32-byte key, this one has {len(key)} bytes")
-    return AESGCM(key)
 
 
 def aead_encrypt(key: bytes, iv: bytes, aad: bytes, plaintext: bytes) -> bytes:
-    cipher = _aes256(key)
+    _check_aes256(key)
     try:
-        sealed = cipher.encrypt(iv, plaintext, aad)
+        sealed = gcm.encrypt(key, iv, plaintext, aad)
     except ValueError as error:
         raise external(f"AES-256-GCM encryption failed: {error}") from None
     return b"\x02" + sealed
@@ -87,13 +86,13 @@ def aead_decrypt(key: bytes, iv: bytes, aad: bytes, ciphertext: bytes) -> bytes:
     version, rest = ciphertext[0], ciphertext[1:]
     if version not in (1, 2):
         raise bad_parameter(f"unknown ciphertext version {version}")
-    if len(rest) < _TAG_LEN:
+    if len(rest) < gcm.TAG_LEN:
         raise bad_parameter("ciphertext is shorter than its tag")
     if version == 1:  # IoT Edge 1.1 wrote the tag first
-        rest = rest[_TAG_LEN:] + rest[:_TAG_LEN]
-    cipher = _aes256(key)
+        rest = rest[gcm.TAG_LEN:] + rest[:gcm.TAG_LEN]
+    _check_aes256(key)
     try:
-        return cipher.decrypt(iv, rest, aad)
+        return gcm.decrypt(key, iv, rest, aad)
     except InvalidTag:
         raise external("AEAD tag mismatch") from None
     except ValueError as error:
