@@ -141,9 +141,16 @@ def describe(value: Any) -> str:
 
 
 class Fields:
-    """Typed access to one JSON object of a request body."""
+    """Typed access to one JSON object of a request body.
 
-    def __init__(self, value: Any, what: str) -> None:
+    `what` is serde's name for the struct. With `order` (the struct's fields as declared), a
+    JSON array of the fields in that order is taken too, as serde's derived structs take it;
+    structs with a flattened field have no such form and pass no order.
+    """
+
+    def __init__(self, value: Any, what: str, order: tuple[str, ...] | None = None) -> None:
+        if isinstance(value, list) and order is not None:
+            value = _from_sequence(value, what, order)
         if not isinstance(value, dict):
             raise ShapeError(f"invalid type: {describe(value)}, expected {what}")
         self._value = value
@@ -177,8 +184,8 @@ class Fields:
         value = self.optional_string(name)
         return None if value is None else decode_b64(value)
 
-    def object(self, name: str, what: str) -> Fields:
-        return Fields(self.raw(name), what)
+    def object(self, name: str, what: str, order: tuple[str, ...] | None = None) -> Fields:
+        return Fields(self.raw(name), what, order)
 
     def choice(self, name: str, variants: tuple[str, ...]) -> str:
         value = self.string(name)
@@ -188,6 +195,18 @@ class Fields:
                 expected = ", ".join(f"`{v}`" for v in variants[:-1]) + f", or `{variants[-1]}`"
             raise ShapeError(f"unknown variant `{value}`, expected {expected}")
         return value
+
+
+def _from_sequence(items: list[Any], what: str, order: tuple[str, ...]) -> dict[str, Any]:
+    if len(items) < len(order):
+        count = len(order)
+        raise ShapeError(
+            f"invalid length {len(items)}, expected {what} with {count} "
+            f"element{'' if count == 1 else 's'}"
+        )
+    if len(items) > len(order):
+        raise ShapeError("trailing characters")
+    return dict(zip(order, items, strict=True))
 
 
 def decode_b64(text: str) -> bytes:

@@ -9,11 +9,13 @@ from actors.keys import messages as m
 from bus.bus import Bus
 
 from .body import Fields, ShapeError
-from .http import HttpError, Request, Response, Route, ServiceApp, route
+from .http import HttpError, Request, Response, Route, ServiceApp, route, rust_debug
 
 API_VERSIONS = ("2020-09-01", "2021-05-01")
 USAGES = ("derive", "encrypt", "sign")
 ID = "([^/]+)"
+# Every request struct of the original is named `Request` (one per module); serde's errors say so.
+REQUEST = "struct Request"
 
 
 def b64(data: bytes) -> str:
@@ -24,9 +26,8 @@ def parse_usage(text: str) -> list[str]:
     usage = text.split(",")
     for token in usage:
         if token not in USAGES:
-            raise ShapeError(
-                f"unknown variant `{token}`, expected one of `derive`, `encrypt`, `sign`"
-            )
+            # the original's own usage visitor, not a derived enum: serde's invalid_value
+            raise ShapeError(f"invalid value: string {rust_debug(token)}, expected KeyUsage")
     return usage
 
 
@@ -60,25 +61,25 @@ class KeydApi:
         return ServiceApp("keyd", API_VERSIONS, routes)
 
     async def create_key(self, request: Request) -> Response:
-        body = Fields(request.body(), "struct CreateKeyRequest")
+        body = Fields(request.body(), REQUEST, ("keyId", "keyBytes", "usage"))
         key_id = body.string("keyId")
         usage = parse_usage(body.string("usage"))
         key_bytes = body.optional_b64("keyBytes")
         return await self._handle_reply(m.CreateKey(request.uid, key_id, usage, key_bytes))
 
     async def delete_key(self, request: Request) -> Response:
-        handle = Fields(request.body(), "struct DeleteKeyRequest").string("keyHandle")
+        handle = Fields(request.body(), REQUEST, ("keyHandle",)).string("keyHandle")
         await self._call(m.DeleteKey(handle))
         return Response(204)
 
     async def create_key_pair(self, request: Request) -> Response:
-        body = Fields(request.body(), "struct CreateKeyPairRequest")
+        body = Fields(request.body(), REQUEST, ("keyId", "preferredAlgorithms"))
         key_id = body.string("keyId")
         algorithms = body.optional_string("preferredAlgorithms")
         return await self._handle_reply(m.CreateKeyPair(request.uid, key_id, algorithms))
 
     async def delete_key_pair(self, request: Request) -> Response:
-        handle = Fields(request.body(), "struct DeleteKeyPairRequest").string("keyHandle")
+        handle = Fields(request.body(), REQUEST, ("keyHandle",)).string("keyHandle")
         await self._call(m.DeleteKeyPair(handle))
         return Response(204)
 
@@ -90,7 +91,7 @@ class KeydApi:
 
     async def move_key_pair(self, request: Request) -> Response:
         kind, destination = request.params
-        source = Fields(request.body(), "struct MoveKeyPairRequest").string("from")
+        source = Fields(request.body(), REQUEST, ("from",)).string("from")
         if source == destination:
             raise HttpError(400, "source and destination for move are identical")
         if kind != "keypair":
@@ -100,52 +101,51 @@ class KeydApi:
 
     async def get_parameter(self, request: Request) -> Response:
         (name,) = request.params
-        handle = Fields(request.body(), "struct GetKeyPairPublicParameterRequest").string(
-            "keyHandle"
-        )
+        handle = Fields(request.body(), REQUEST, ("keyHandle",)).string("keyHandle")
         result = await self._call(m.GetParameter(handle, name))
         value = result["value"]
         return Response(200, {"value": value if isinstance(value, str) else b64(value)})
 
     async def create_derived_key(self, request: Request) -> Response:
-        body = Fields(request.body(), "struct CreateDerivedKeyRequest")
+        body = Fields(request.body(), REQUEST, ("baseKeyHandle", "derivationData"))
         handle = body.string("baseKeyHandle")
         data = body.b64("derivationData")
         return await self._handle_reply(m.CreateDerivedKey(handle, data))
 
     async def export_derived_key(self, request: Request) -> Response:
-        handle = Fields(request.body(), "struct ExportDerivedKeyRequest").string("keyHandle")
+        handle = Fields(request.body(), REQUEST, ("keyHandle",)).string("keyHandle")
         result = await self._call(m.ExportDerivedKey(handle))
         return Response(200, {"key": b64(result["key"])})
 
     async def sign(self, request: Request) -> Response:
-        body = Fields(request.body(), "struct SignRequest")
+        body = Fields(request.body(), REQUEST)
         handle = body.string("keyHandle")
         algorithm = body.choice("algorithm", ("ECDSA", "HMAC-SHA256"))
-        parameters = body.object("parameters", "struct SignParameters")
         field = "digest" if algorithm == "ECDSA" else "message"
+        variant = "Ecdsa" if algorithm == "ECDSA" else "HmacSha256"
+        parameters = body.object("parameters", f"struct variant Parameters::{variant}", (field,))
         data = parameters.b64(field)
         result = await self._call(m.Sign(handle, algorithm, data))
         return Response(200, {"signature": b64(result["signature"])})
 
-    def _cipher_fields(self, request: Request, what: str) -> tuple[Fields, str, str, bytes, bytes]:
-        body = Fields(request.body(), what)
+    def _cipher_fields(self, request: Request) -> tuple[Fields, str, str, bytes, bytes]:
+        body = Fields(request.body(), REQUEST)
         handle = body.string("keyHandle")
         algorithm = body.choice("algorithm", ("AEAD", "RSA-PKCS1", "RSA-NO-PADDING"))
         iv = aad = b""
         if algorithm == "AEAD":
-            parameters = body.object("parameters", "struct AeadParameters")
+            parameters = body.object("parameters", "struct variant Parameters::Aead", ("iv", "aad"))
             iv, aad = parameters.b64("iv"), parameters.b64("aad")
         return body, handle, algorithm, iv, aad
 
     async def encrypt(self, request: Request) -> Response:
-        body, handle, algorithm, iv, aad = self._cipher_fields(request, "struct EncryptRequest")
+        body, handle, algorithm, iv, aad = self._cipher_fields(request)
         plaintext = body.b64("plaintext")
         result = await self._call(m.Encrypt(handle, algorithm, plaintext, iv, aad))
         return Response(200, {"ciphertext": b64(result["ciphertext"])})
 
     async def decrypt(self, request: Request) -> Response:
-        body, handle, algorithm, iv, aad = self._cipher_fields(request, "struct DecryptRequest")
+        body, handle, algorithm, iv, aad = self._cipher_fields(request)
         ciphertext = body.b64("ciphertext")
         result = await self._call(m.Decrypt(handle, algorithm, ciphertext, iv, aad))
         return Response(200, {"plaintext": b64(result["plaintext"])})

@@ -1614,3 +1614,41 @@ def test_connection_level_errors_keep_the_socket_usable(world: World) -> None:
             assert reply.status == status, (method, path, reply.body)
             assert reply.headers.get("content-type") == "application/json"
     world.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    "path, raw, message",
+    [
+        ("/derivedkey/export", b"[]", "invalid length 0, expected struct Request with 1 element"),
+        ("/key", b'["sym", null]', "invalid length 2, expected struct Request with 3 elements"),
+        ("/keypair", b'["a", null, "b"]', "trailing characters"),
+        ("/derivedkey", b"[5, 6]", "invalid type: integer `5`, expected a string"),
+        ("/sign", b'["h", "HMAC-SHA256", {"message": ""}]', "invalid type: sequence"),
+        ("/key", b'{"keyId": "sym", "usage": "sign,Derive"}', "invalid value: string \"Derive\""),
+    ],
+)
+def test_struct_bodies_as_json_arrays_are_checked_as_serde_checks_them(
+    world: World, path: str, raw: bytes, message: str
+) -> None:
+    """serde's derived structs take a JSON array of their fields in declared order, except the
+    ones with a flattened field (sign, encrypt, decrypt)."""
+    world.reject("POST", path, None, 422, prefix=message, raw_body=raw)
+
+
+def test_a_struct_body_may_be_a_json_array_of_its_fields(world: World) -> None:
+    reply = world.send("POST", "/key", None, raw_body=json.dumps(["short", None, "sign"]).encode())
+    assert reply.status == 200, reply.body
+    base = reply.json()["keyHandle"]
+    reply = world.send("POST", "/derivedkey", None, raw_body=json.dumps([base, "eA=="]).encode())
+    assert reply.status == 200, reply.body
+    sign = {
+        "keyHandle": reply.json()["keyHandle"],
+        "algorithm": "HMAC-SHA256",
+        "parameters": [b64(b"msg")],
+    }
+    reply = world.send("POST", "/sign", sign)
+    assert reply.status == 200, reply.body
+    derived = hmac.new(world.key_bytes["short"], b"x", hashlib.sha256).digest()
+    want = hmac.new(derived, b"msg", hashlib.sha256).digest()
+    assert base64.b64decode(reply.json()["signature"]) == want
+    world.assert_unchanged()

@@ -104,20 +104,18 @@ class HandleSealer:
             self._opened.popitem(last=False)
 
     async def _open_uncached(self, handle: str) -> KeyRef:
-        sr = sig = None
-        for part in handle.split("&"):
-            if part.startswith("sr="):
-                sr = part[3:]
-            elif part.startswith("sig="):
-                sig = part[4:]
-        if sr is None or sig is None:
-            raise invalid_handle()
-        try:
-            body = b64decode_strict(sr)
-            signature = b64decode_strict(sig)
-            text = body.decode("utf-8")
+        body = signature = None
+        try:  # every part is decoded, as the original does: a bad one fails even if later ones
+            for part in handle.split("&"):
+                if part.startswith("sr="):
+                    body = b64decode_strict(part[3:])
+                    text = body.decode("utf-8")
+                elif part.startswith("sig="):
+                    signature = b64decode_strict(part[4:])
         except (binascii.Error, ValueError):
             raise invalid_handle() from None
+        if body is None or signature is None:
+            raise invalid_handle()
         if not hmac.compare_digest(await self._mac(body), signature):
             raise invalid_handle()
         try:
