@@ -556,6 +556,44 @@ def test_move_key_pair(library: Pkcs11Library, uri: Pkcs11Uri) -> None:
     assert library.find_key_pair(uri, "fresh") and not library.find_key_pair(uri, "id")
 
 
+@pytest.mark.parametrize(
+    "half_moved", [ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY], ids=["private", "public"]
+)
+def test_a_move_cut_short_between_the_halves_leaves_a_whole_pair(
+    library: Pkcs11Library, uri: Pkcs11Uri, softhsm_token: SoftHsmToken, half_moved: ObjectClass
+) -> None:
+    """A move relabels the two halves one after the other; a kill in between leaves them under
+    two labels. The pair must still work under the label its private key has, and later
+    creations, moves and deletions must neither use nor destroy the stray half."""
+    library.generate_key_pair(uri, "from", ["ec-p256"])
+    pair = library.public_parameters(uri, "from")
+    session = pkcs11.lib(softhsm_token.lib_path).get_token(token_label=softhsm_token.label).open(
+        rw=True
+    )
+    (half,) = session.get_objects({Attribute.CLASS: half_moved, Attribute.LABEL: "from"})
+    half[Attribute.LABEL] = "to"  # the kill lands here
+    library.close()
+    library = Pkcs11Library(softhsm_token.lib_path)  # the restart: nothing found is cached
+    owner = "to" if half_moved == ObjectClass.PRIVATE_KEY else "from"
+    other = "from" if owner == "to" else "to"
+    assert library.public_parameters(uri, owner) == pair
+    digest = hashlib.sha256(b"cut short").digest()
+    _verify_ecdsa(pair, library.sign_ecdsa(uri, owner, digest), digest)
+    assert not library.find_key_pair(uri, other)
+
+    # A new pair where the stray half lies leaves the old pair whole.
+    library.generate_key_pair(uri, other, ["ec-p256"])
+    assert library.public_parameters(uri, owner) == pair
+    assert library.public_parameters(uri, other) != pair
+
+    # Moving the old pair takes both halves along; deleting it leaves nothing of it behind.
+    library.move_key_pair(uri, owner, "moved")
+    assert library.public_parameters(uri, "moved") == pair
+    assert library.delete(uri, "moved", "key_pair") == 2
+    labels = [obj[Attribute.LABEL] for obj in session.get_objects({})]
+    assert sorted(labels) == [other, other], labels
+
+
 def test_move_refuses_without_touching_destination(library: Pkcs11Library, uri: Pkcs11Uri) -> None:
     library.generate_key_pair(uri, "dest", ["ec-p256"])
     before = library.public_parameters(uri, "dest")

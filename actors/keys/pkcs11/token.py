@@ -486,7 +486,10 @@ class Pkcs11Library:
         classes = _classes_for(kind)
 
         def op(st: _SlotState) -> int:
-            count = self._destroy(st, classes, label)
+            if kind == "key_pair":
+                count = self._destroy_objects(self._pair_objects(st, label))
+            else:
+                count = self._destroy(st, classes, label)
             log.info("deleted %d %s object(s) labelled %r on %s", count, kind, label, st.describe())
             return count
 
@@ -834,12 +837,53 @@ class Pkcs11Library:
         return key
 
     def _public_key(self, state: _SlotState, label: str, private: Any) -> Any | None:
+        """The public half of `private`: the one sharing its CKA_ID, wherever an interrupted
+        move left its label, else (keys made elsewhere, without an id) one with its label."""
+        key_id = bytes(private[Attribute.ID])
+        if key_id:
+            halves = list(
+                state.session.get_objects(
+                    {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id}
+                )
+            )
+            if halves:
+                halves.sort(key=lambda obj: obj[Attribute.LABEL] != label)
+                return halves[0]
         found = self._find_all(state, ObjectClass.PUBLIC_KEY, label)
-        if len(found) > 1:
-            # Prefer the half that shares the private key's CKA_ID.
-            key_id = private[Attribute.ID]
-            found.sort(key=lambda obj: obj[Attribute.ID] != key_id)
         return found[0] if found else None
+
+    def _pair_objects(self, state: _SlotState, label: str) -> list[Any]:
+        """Every object of the key pair(s) labelled `label`, for a move or a delete.
+
+        A pair's halves are bound by CKA_ID: a move relabels them one after the other, so a
+        kill between the two leaves them under different labels. Their public halves are found
+        by id; a public key with this label that another label's private key owns is left alone.
+        """
+        privates = self._find_all(state, ObjectClass.PRIVATE_KEY, label)
+        owned = {bytes(key[Attribute.ID]) for key in privates} - {b""}
+        objects = {key.handle: key for key in privates}
+        for key_id in owned:
+            for half in state.session.get_objects(
+                {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id}
+            ):
+                objects[half.handle] = half
+        for half in self._find_all(state, ObjectClass.PUBLIC_KEY, label):
+            key_id = bytes(half[Attribute.ID])
+            if key_id and key_id not in owned and self._has_private(state, key_id):
+                continue
+            objects[half.handle] = half
+        return list(objects.values())
+
+    @staticmethod
+    def _has_private(state: _SlotState, key_id: bytes) -> bool:
+        query = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id}
+        return any(True for _ in state.session.get_objects(query))
+
+    @staticmethod
+    def _destroy_objects(objects: list[Any]) -> int:
+        for obj in objects:
+            obj.destroy()
+        return len(objects)
 
     def _destroy(
         self,
@@ -888,7 +932,7 @@ class Pkcs11Library:
         if self._find_one(state, ObjectClass.PRIVATE_KEY, label) is not None:
             raise KeyExists(f"key pair {label!r} already exists on {state.describe()}")
         # A public half without its private key is a leftover of an interrupted operation.
-        stale = self._destroy(state, [ObjectClass.PUBLIC_KEY], label)
+        stale = self._destroy_objects(self._pair_objects(state, label))
         if stale:
             log.warning("removed %d orphaned public key(s) labelled %r", stale, label)
 
@@ -908,7 +952,7 @@ class Pkcs11Library:
             except pkcs11.PKCS11Error as exc:
                 failures.append(f"{algorithm}: {_describe_error(exc)}")
                 # Tokens should not leave half a pair behind on failure, but some do.
-                self._destroy(state, [ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY], label)
+                self._destroy_objects(self._pair_objects(state, label))
                 continue
             log.info("generated %s key pair %r on %s", algorithm, label, state.describe())
             return cast(KeyPairAlgorithm, algorithm)
@@ -1070,9 +1114,8 @@ class Pkcs11Library:
 
     def _move_key_pair(self, state: _SlotState, from_label: str, to_label: str) -> None:
         self._private_key(state, from_label)  # refuse before touching the destination
-        sources = self._find_all(state, ObjectClass.PRIVATE_KEY, from_label)
-        sources += self._find_all(state, ObjectClass.PUBLIC_KEY, from_label)
-        replaced = self._destroy(state, [ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY], to_label)
+        sources = self._pair_objects(state, from_label)
+        replaced = self._destroy_objects(self._pair_objects(state, to_label))
         for obj in sources:
             obj[Attribute.LABEL] = to_label
         log.info(
