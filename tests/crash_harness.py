@@ -1,7 +1,8 @@
 """Crash safety: SIGKILL aziotd at random moments during a stream of writes, then check.
 
 A client thread sends key writes one at a time (imports, creations, key pair creations, moves,
-deletions) and records each one the daemon acknowledged. At a random moment the daemon is
+deletions) and records each one the daemon acknowledged. The keys live in files, or on a SoftHSM
+token when the daemon is given one (its base slot). At a random moment the daemon is
 killed with SIGKILL; the one request then in flight may or may not have taken effect. After a
 restart every acknowledged write must be there and intact, nothing half-written may be visible,
 and handles issued before the kill must still work.
@@ -12,6 +13,8 @@ Used by tests/test_crash_safety.py (a bounded run) and bench/crash_safety.py (a 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import random
 import signal
@@ -23,12 +26,14 @@ from typing import Any
 
 import attrs
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from actors.keys.store import key_file_name
 from tests.daemon import Keyd
+from tests.softhsm import SoftHsmToken
 
 # Widen the windows between writing, syncing and renaming, so kills land inside them.
-FAULTS = "store.fsync=delay=0.003@0.5;store.write=delay=0.002@0.3"
+FAULTS = "store.fsync=delay=0.003@0.5;store.write=delay=0.002@0.3;pkcs11.call=delay=0.002@0.3"
 
 
 def b64(data: bytes) -> str:
@@ -39,7 +44,9 @@ def b64(data: bytes) -> str:
 class Expected:
     """What the store must hold for one id: absent, a symmetric key's bytes, or a key pair."""
 
-    kind: str  # "absent", "sym" (data set), "any-sym" (generated: exists, bytes unknown), "pair"
+    # "absent", "sym" (data set), "any-sym" (generated: exists, bytes unknown), "pair",
+    # "sym-mac" (a key on the token, whose bytes stay there: data is its HMAC of PROBE)
+    kind: str
     data: bytes = b""
     public: bytes = b""  # for pairs: the ec-point or modulus the daemon reported
 
@@ -72,6 +79,11 @@ class WriteStream:
 
     def __init__(self, keyd: Keyd, model: Model, rng: random.Random, ids: int = 24) -> None:
         self.keyd = keyd
+        # On a token a key pair and a secret key may share a label (they are objects of two
+        # classes), where files share one name; moves there only target ids without a secret.
+        # SoftHSM refuses HMAC-SHA256 with a key under 32 bytes: only such keys are imported.
+        self.on_token = keyd.token is not None
+        self.sizes = [32, 64, 128] if self.on_token else [16, 32, 64, 700]
         self.model = model
         self.rng = rng
         self.ids = [f"crash-{n}" for n in range(ids)]
@@ -106,7 +118,7 @@ class WriteStream:
             else:
                 self._delete(key_id, "pair")
             return
-        if current.kind in ("sym", "any-sym") and choice < 0.25:
+        if current.kind in ("sym", "any-sym", "sym-mac") and choice < 0.25:
             self._delete(key_id, "sym")
             return
         if current.kind == "absent" and choice < 0.3:
@@ -117,7 +129,7 @@ class WriteStream:
             reply = self._call("POST", "/key", {"keyId": key_id, "usage": "sign"}, key_id, after)
             self._acknowledge(reply, key_id, after, "sym", "generate")
             return
-        data = rng.randbytes(rng.choice([16, 32, 64, 700]))
+        data = rng.randbytes(rng.choice(self.sizes))
         after = Expected("sym", data)
         body = {"keyId": key_id, "usage": "sign", "keyBytes": b64(data)}
         reply = self._call("POST", "/key", body, key_id, after)
@@ -150,7 +162,13 @@ class WriteStream:
         return base64.b64decode(reply.json()["value"])
 
     def _move(self, source: str) -> None:
-        target = self.rng.choice([i for i in self.ids if i != source])
+        targets = [i for i in self.ids if i != source]
+        if self.on_token:
+            targets = [i for i in targets if self._kind(i) in ("absent", "pair")] or [source]
+            if targets == [source]:
+                self._delete(source, "pair")
+                return
+        target = self.rng.choice(targets)
         moved = attrs.evolve(self.model.state[source])
         try:
             reply = self.keyd.call("POST", f"/keypair/{target}", {"from": source})
@@ -168,6 +186,9 @@ class WriteStream:
         self.model.acknowledged += 1
         self.operations["move"] += 1
 
+    def _kind(self, key_id: str) -> str:
+        return self.model.state.get(key_id, Expected("absent")).kind
+
     def _delete(self, key_id: str, kind: str) -> None:
         handle = self.model.handles.get(key_id)
         if handle is None:
@@ -183,6 +204,9 @@ class WriteStream:
         self.model.accept(key_id, after, pending=False)
         self.model.handles.pop(key_id, None)
         self.operations["delete"] += 1
+
+
+PROBE = b"which key is this?"
 
 
 def stored_state(keyd: Keyd, key_id: str) -> tuple[Expected, str | None]:
@@ -210,17 +234,85 @@ def stored_state(keyd: Keyd, key_id: str) -> tuple[Expected, str | None]:
     return Expected("sym", data), None
 
 
+class TokenView:
+    """What the token holds, as pkcs11-tool lists it (one listing per check). Key bytes never
+    leave the token: a symmetric key is known by its HMAC of PROBE, asked of the daemon."""
+
+    def __init__(self, keyd: Keyd) -> None:
+        self.keyd = keyd
+        self.objects = keyd.token_objects()
+
+    def _labelled(self, kind: str, key_id: str) -> list[dict[str, str]]:
+        return [o for o in self.objects if o["type"].startswith(kind) and o.get("label") == key_id]
+
+    def state(self, key_id: str) -> tuple[Expected, str | None]:
+        privates = self._labelled("Private Key", key_id)
+        secrets = self._labelled("Secret Key", key_id)
+        if privates and secrets:
+            return Expected("pair"), f"{key_id}: both a key pair and a secret key on the token"
+        if len(privates) > 1:
+            return Expected("pair"), f"{key_id}: {len(privates)} private keys on the token"
+        if privates:
+            return self._pair(key_id, privates[0])
+        if secrets:
+            return self._secret(key_id)
+        return Expected("absent"), None
+
+    def _pair(self, key_id: str, private: dict[str, str]) -> tuple[Expected, str | None]:
+        halves = [
+            o
+            for o in self.objects
+            if o["type"].startswith("Public Key") and o.get("ID") == private.get("ID")
+        ]
+        if not halves:
+            return Expected("pair"), f"{key_id}: a private key without its public half"
+        point = halves[0].get("EC_POINT")
+        if point is not None:  # DER OCTET STRING around the uncompressed point
+            public = ec.EllipticCurvePublicKey.from_encoded_point(
+                ec.SECP256R1(), bytes.fromhex(point)[2:]
+            ).public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+            return Expected("pair", public=public), None
+        reply = self.keyd.call("GET", f"/keypair/{key_id}")
+        if reply.status != 200:
+            return Expected("pair"), f"{key_id}: load answered {reply.status} {reply.body!r}"
+        handle = reply.json()["keyHandle"]
+        reply = self.keyd.call("POST", "/parameters/rsa-modulus", {"keyHandle": handle})
+        if reply.status != 200:
+            return Expected("pair"), f"{key_id}: modulus answered {reply.status} {reply.body!r}"
+        return Expected("pair", public=base64.b64decode(reply.json()["value"])), None
+
+    def _secret(self, key_id: str) -> tuple[Expected, str | None]:
+        reply = self.keyd.call("GET", f"/key/{key_id}")
+        if reply.status != 200:
+            return Expected("sym-mac"), f"{key_id}: load answered {reply.status} {reply.body!r}"
+        body = {
+            "keyHandle": reply.json()["keyHandle"],
+            "algorithm": "HMAC-SHA256",
+            "parameters": {"message": b64(PROBE)},
+        }
+        reply = self.keyd.call("POST", "/sign", body)
+        if reply.status != 200:
+            return Expected("sym-mac"), f"{key_id}: HMAC answered {reply.status} {reply.body!r}"
+        return Expected("sym-mac", base64.b64decode(reply.json()["signature"])), None
+
+
 def describe(state: Expected) -> str:
     if state.kind == "sym":
         return f"a {len(state.data)}-byte key {state.data[:4].hex()}…"
     if state.kind == "pair":
         return f"a key pair {state.public[:4].hex()}…"
+    if state.kind == "sym-mac":
+        return f"a key on the token with HMAC {state.data[:4].hex()}…"
     return {"absent": "nothing", "any-sym": "a generated 32-byte key"}[state.kind]
 
 
 def matches(found: Expected, wanted: Expected) -> bool:
     if wanted.kind == "absent":
         return found.kind == "absent"
+    if found.kind == "sym-mac":
+        if wanted.kind == "sym":
+            return found.data == hmac.new(wanted.data, PROBE, hashlib.sha256).digest()
+        return wanted.kind == "any-sym" or (wanted.kind == "sym-mac" and found.data == wanted.data)
     if wanted.kind == "any-sym":
         return found.kind == "sym" and len(found.data) == 32
     if wanted.kind == "sym":
@@ -234,8 +326,9 @@ def check(keyd: Keyd, model: Model) -> list[str]:
     pending: dict[str, list[Expected]] = {}
     for key_id, after in model.pending:
         pending.setdefault(key_id, []).append(after)
+    token = TokenView(keyd) if keyd.token is not None else None
     for key_id in sorted(set(model.state) | set(pending)):
-        found, problem = stored_state(keyd, key_id)
+        found, problem = token.state(key_id) if token else stored_state(keyd, key_id)
         if problem:
             violations.append(problem)
             continue
@@ -301,5 +394,6 @@ def run_cycle(keyd: Keyd, model: Model, rng: random.Random, max_wait: float) -> 
     return CycleReport(before, stream.operations, violations)
 
 
-def new_keyd(root: Path) -> Keyd:
-    return Keyd(root, env={"AZIOTD_FAULTS": FAULTS, "AZIOT_LOG_LEVEL": "warn"})
+def new_keyd(root: Path, token: SoftHsmToken | None = None) -> Keyd:
+    """A daemon whose keys live in files, or on `token` if given."""
+    return Keyd(root, env={"AZIOTD_FAULTS": FAULTS, "AZIOT_LOG_LEVEL": "warn"}, token=token)
