@@ -38,50 +38,40 @@ def _libcrypto() -> ctypes.CDLL:
     return lib
 
 
-def openssl_seal(key: bytes, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    """Ciphertext + 16-byte tag."""
+def _run(direction: str, key: bytes, iv: bytes, data: bytes, aad: bytes, tag: bytes) -> bytes:
+    """One AES-256-GCM pass; `tag` is checked when decrypting, and appended when encrypting."""
     lib = _libcrypto()
+    init, update, final = (
+        getattr(lib, f"EVP_{direction}{s}") for s in ("Init_ex", "Update", "Final_ex")
+    )
     ctx = lib.EVP_CIPHER_CTX_new()
     try:
-        assert lib.EVP_EncryptInit_ex(ctx, lib.EVP_aes_256_gcm(), None, None, None) == 1
+        assert init(ctx, lib.EVP_aes_256_gcm(), None, None, None) == 1
         assert lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_IVLEN, len(iv), None) == 1
-        assert lib.EVP_EncryptInit_ex(ctx, None, None, key, iv) == 1
+        assert init(ctx, None, None, key, iv) == 1
         written = ctypes.c_int(0)
-        assert lib.EVP_EncryptUpdate(ctx, None, ctypes.byref(written), aad, len(aad)) == 1
-        out = ctypes.create_string_buffer(len(plaintext) + 16)
-        assert lib.EVP_EncryptUpdate(ctx, out, ctypes.byref(written), plaintext, len(plaintext)) == 1
+        assert update(ctx, None, ctypes.byref(written), aad, len(aad)) == 1
+        out = ctypes.create_string_buffer(len(data) + 16)
+        assert update(ctx, out, ctypes.byref(written), data, len(data)) == 1
         total = written.value
-        tail = ctypes.create_string_buffer(16)
-        assert lib.EVP_EncryptFinal_ex(ctx, tail, ctypes.byref(written)) == 1
-        assert written.value == 0
-        tag = ctypes.create_string_buffer(16)
-        assert lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_GET_TAG, 16, tag) == 1
-        return out.raw[:total] + tag.raw
+        if direction == "Decrypt":
+            assert lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, 16, tag) == 1
+        if final(ctx, ctypes.create_string_buffer(16), ctypes.byref(written)) != 1:
+            raise InvalidTag()
+        if direction == "Decrypt":
+            return out.raw[:total]
+        made = ctypes.create_string_buffer(16)
+        assert lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_GET_TAG, 16, made) == 1
+        return out.raw[:total] + made.raw
     finally:
         lib.EVP_CIPHER_CTX_free(ctx)
+
+
+def openssl_seal(key: bytes, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """Ciphertext + 16-byte tag."""
+    return _run("Encrypt", key, iv, plaintext, aad, b"")
 
 
 def openssl_open(key: bytes, iv: bytes, sealed: bytes, aad: bytes) -> bytes:
     """The plaintext of ciphertext + 16-byte tag; InvalidTag when OpenSSL refuses the tag."""
-    lib = _libcrypto()
-    ciphertext, tag = sealed[:-16], sealed[-16:]
-    ctx = lib.EVP_CIPHER_CTX_new()
-    try:
-        assert lib.EVP_DecryptInit_ex(ctx, lib.EVP_aes_256_gcm(), None, None, None) == 1
-        assert lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_IVLEN, len(iv), None) == 1
-        assert lib.EVP_DecryptInit_ex(ctx, None, None, key, iv) == 1
-        written = ctypes.c_int(0)
-        assert lib.EVP_DecryptUpdate(ctx, None, ctypes.byref(written), aad, len(aad)) == 1
-        out = ctypes.create_string_buffer(len(ciphertext) + 16)
-        assert (
-            lib.EVP_DecryptUpdate(ctx, out, ctypes.byref(written), ciphertext, len(ciphertext))
-            == 1
-        )
-        total = written.value
-        assert lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, 16, tag) == 1
-        tail = ctypes.create_string_buffer(16)
-        if lib.EVP_DecryptFinal_ex(ctx, tail, ctypes.byref(written)) != 1:
-            raise InvalidTag()
-        return out.raw[:total]
-    finally:
-        lib.EVP_CIPHER_CTX_free(ctx)
+    return _run("Decrypt", key, iv, sealed[:-16], aad, sealed[-16:])
