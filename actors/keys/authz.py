@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import attrs
 
-
-def wildmatch(pattern: str) -> re.Pattern[str]:
-    """Compile a wildmatch pattern: `*` any run, `?` one character, the rest literal."""
-    parts = []
-    for char in pattern:
-        if char == "*":
-            parts.append(".*")
-        elif char == "?":
-            parts.append(".")
-        else:
-            parts.append(re.escape(char))
-    return re.compile("".join(parts), re.DOTALL)
+from actors.principals import Principals
 
 
 @attrs.frozen
@@ -29,12 +17,7 @@ class KeyPrincipal:
 
 class KeyAuthorizer:
     def __init__(self, principals: Iterable[KeyPrincipal]) -> None:
-        merged: dict[int, list[re.Pattern[str]]] = {}
-        for principal in principals:
-            merged.setdefault(principal.uid, []).extend(wildmatch(p) for p in principal.keys)
-        self._patterns = merged
+        self._principals = Principals((p.uid, p.keys) for p in principals)
 
     def allows(self, uid: int, key_id: str) -> bool:
-        if uid == 0:
-            return True
-        return any(p.fullmatch(key_id) for p in self._patterns.get(uid, ()))
+        return self._principals.allows(uid, key_id)

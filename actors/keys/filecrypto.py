@@ -9,17 +9,50 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 
-from . import gcm
+from . import gcm, openssl
 
 P256_OID_DER = bytes.fromhex("06082a8648ce3d030107")
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+T = TypeVar("T")
+
+
+# Work that costs more than a thread hop (tens of microseconds) runs in worker threads, so one
+# caller's large or slow request does not hold the event loop that serves every other caller.
+# The limiter keeps the threads to the cores: beyond that they would only queue inside the OS.
+SMALL = 64 * 1024  # bytes of input below which hashing or AES costs less than the hop
+_limiter: trio.CapacityLimiter | None = None
+
+
+def _workers() -> trio.CapacityLimiter:
+    global _limiter
+    if _limiter is None:
+        _limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+    return _limiter
+
+
+async def in_worker(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a worker thread (for OpenSSL calls, which release the GIL)."""
+    return await trio.to_thread.run_sync(function, *args, limiter=_workers())
+
+
+async def sized(size: int, function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` here when its input is small, in a worker thread when it is large."""
+    if size < SMALL:
+        return function(*args)
+    return await in_worker(function, *args)
 
 
 class LibError(Exception):
@@ -116,50 +149,69 @@ def ecdsa_sign(key: PrivateKey, digest: bytes) -> bytes:
     return key.sign(digest, ec.ECDSA(utils.Prehashed(prehash)))
 
 
-# DigestInfo prefixes (RFC 8017 §9.2, note 1): a PKCS#1 input that is one of these goes through
-# OpenSSL's own signing path instead of Python arithmetic.
-_DIGEST_INFO = {
-    bytes.fromhex("3021300906052b0e03021a05000414"): hashes.SHA1(),
-    bytes.fromhex("302d300d06096086480165030402040500041c"): hashes.SHA224(),
-    bytes.fromhex("3031300d060960864801650304020105000420"): hashes.SHA256(),
-    bytes.fromhex("3041300d060960864801650304020205000430"): hashes.SHA384(),
-    bytes.fromhex("3051300d060960864801650304020305000440"): hashes.SHA512(),
-}
-
-
 def rsa_private_encrypt(key: PrivateKey, data: bytes, mechanism: str) -> bytes:
-    """RSA_private_encrypt: PKCS#1 v1.5 type-1 padding ("RSA-PKCS1") or none ("RSA-NO-PADDING")."""
+    """RSA_private_encrypt: PKCS#1 v1.5 type-1 padding ("RSA-PKCS1") or none ("RSA-NO-PADDING"),
+    by OpenSSL itself (blinded, its CRT result verified) where libcrypto can be loaded."""
     if not isinstance(key, rsa.RSAPrivateKey):
         raise bad_parameter("RSA operation on a non-RSA key")
     size = (key.key_size + 7) // 8
     if mechanism == "RSA-PKCS1":
-        for prefix, algorithm in _DIGEST_INFO.items():
-            if data.startswith(prefix) and len(data) == len(prefix) + algorithm.digest_size:
-                return key.sign(data[len(prefix) :], padding.PKCS1v15(), utils.Prehashed(algorithm))
         if len(data) > size - 11:
             raise external("data too large for the key size")
         block = b"\x00\x01" + b"\xff" * (size - 3 - len(data)) + b"\x00" + data
-        return _rsa_raw(key, block)
-    if len(data) != size:
+    elif len(data) != size:
         raise external("data is not the size of the modulus")
-    return _rsa_raw(key, data)
+    else:
+        block = data
+    if int.from_bytes(block, "big") >= key.private_numbers().public_numbers.n:
+        raise external("data too large for the modulus")
+    if openssl.available():
+        try:
+            return _openssl_rsa(key).private_encrypt(block, openssl.RSA_NO_PADDING)
+        except openssl.OpenSslError as error:
+            raise external(str(error)) from None
+    return rsa_crt(key.private_numbers(), block)
 
 
-def _rsa_raw(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
-    """m^d mod n by CRT with blinding, for inputs OpenSSL's public API cannot sign as they are."""
+_RSA_KEYS: OrderedDict[tuple[int, int], openssl.RsaKey] = OrderedDict()
+_RSA_KEYS_KEPT = 16  # a device has a handful of RSA keys; each costs OpenSSL a few KiB
+_RSA_KEYS_LOCK = threading.Lock()  # RSA operations run in worker threads
+
+
+def _openssl_rsa(key: rsa.RSAPrivateKey) -> openssl.RsaKey:
+    """The key loaded into libcrypto, kept for the next operation with the same key."""
     numbers = key.private_numbers()
+    name = (numbers.public_numbers.n, numbers.d)
+    with _RSA_KEYS_LOCK:
+        loaded = _RSA_KEYS.get(name)
+        if loaded is not None:
+            _RSA_KEYS.move_to_end(name)
+            return loaded
+    loaded = openssl.RsaKey(key)
+    with _RSA_KEYS_LOCK:
+        _RSA_KEYS[name] = loaded
+        while len(_RSA_KEYS) > _RSA_KEYS_KEPT:
+            _RSA_KEYS.popitem(last=False)
+    return loaded
+
+
+def rsa_crt(numbers: rsa.RSAPrivateNumbers, block: bytes) -> bytes:
+    """m^d mod n by CRT, for a system without libcrypto: blinded (r^e * m), and the result
+    checked with the public exponent before it leaves, as OpenSSL does. A fault in one of the
+    two halves (a glitch, a bad dmp1) would otherwise give out a signature s with s^e = m mod
+    one prime only, and gcd(s^e - m, n) is then a factor of the modulus."""
     public = numbers.public_numbers
     n, e = public.n, public.e
     message = int.from_bytes(block, "big")
-    if message >= n:
-        raise external("data too large for the modulus")
     blind = secrets.randbelow(n - 2) + 2
     blinded = message * pow(blind, e, n) % n
     m1 = pow(blinded, numbers.dmp1, numbers.p)
     m2 = pow(blinded, numbers.dmq1, numbers.q)
     h = numbers.iqmp * (m1 - m2) % numbers.p
     signature = (m2 + h * numbers.q) * pow(blind, -1, n) % n
-    return signature.to_bytes((key.key_size + 7) // 8, "big")
+    if pow(signature, e, n) != message:
+        raise external("the RSA private operation gave a wrong result (CRT check failed)")
+    return signature.to_bytes((n.bit_length() + 7) // 8, "big")
 
 
 def public_parameter(key: PrivateKey, name: str) -> bytes | str:

@@ -14,15 +14,23 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 
 from bus.errors import BusError, invalid
 
 from .cstring import check_nul
+from .filecrypto import in_worker
 
 HANDLE_VALIDATION_KEY_ID = "handle-validation-key"
-_CACHE_SIZE = 4096
+# Known-good handles are remembered by bytes, not by count: a derived handle carries its
+# derivation data (a caller may send ~780 KB of it, a 3.7 MB handle), and 4,096 of those would
+# be gigabytes. Handles of real clients are a few hundred bytes; larger ones are not kept at all
+# and pay their MAC again on each use, in a worker thread.
+_CACHE_BYTES = 4 << 20
+_CACHEABLE = 16 << 10
+_LARGE = 64 << 10  # a handle or body this long is encoded, decoded and MACed off the loop
 
 
 @attrs.frozen
@@ -62,8 +70,13 @@ Mac = Callable[[bytes], Awaitable[bytes]]
 def software_mac(key: bytes) -> Mac:
     """HMAC-SHA256 with a handle-validation key held in memory (the file store's case)."""
 
-    async def mac(data: bytes) -> bytes:
+    def digest(data: bytes) -> bytes:
         return hmac.new(key, data, hashlib.sha256).digest()
+
+    async def mac(data: bytes) -> bytes:
+        if len(data) < _LARGE:
+            return digest(data)
+        return await in_worker(digest, data)
 
     return mac
 
@@ -78,13 +91,20 @@ class HandleSealer:
     def __init__(self, mac: Mac) -> None:
         self._mac = mac
         self._opened: OrderedDict[str, KeyRef] = OrderedDict()
+        self._cached_bytes = 0
 
     async def seal(self, ref: KeyRef) -> str:
         nonce = b64encode(os.urandom(64))
-        body = json.dumps(
-            {"key_id": ref.to_json(), "nonce": nonce}, separators=(",", ":"), ensure_ascii=False
-        ).encode("utf-8")
-        handle = f"sr={b64encode(body)}&sig={b64encode(await self._mac(body))}"
+        if len(ref.derivation_data) < _LARGE // 5:  # JSON writes up to 4 characters a byte
+            body = _sealed_body(ref, nonce)
+        else:
+            body = await in_worker(_sealed_body, ref, nonce)
+        signature = b64encode(await self._mac(body))
+        if len(body) < _LARGE:
+            handle = f"sr={b64encode(body)}&sig={signature}"
+        else:
+            encoded = await in_worker(b64encode, body)
+            handle = f"sr={encoded}&sig={signature}"
         self._remember(handle, ref)  # minted here, so already known good: no MAC on first use
         return handle
 
@@ -98,41 +118,35 @@ class HandleSealer:
         self._remember(handle, ref)
         return ref
 
+    @property
+    def cached_bytes(self) -> int:
+        return self._cached_bytes
+
     def _remember(self, handle: str, ref: KeyRef) -> None:
+        size = _footprint(handle, ref)
+        if size > _CACHEABLE or handle in self._opened:
+            return
         self._opened[handle] = ref
-        if len(self._opened) > _CACHE_SIZE:
-            self._opened.popitem(last=False)
+        self._cached_bytes += size
+        while self._cached_bytes > _CACHE_BYTES:
+            old_handle, old_ref = self._opened.popitem(last=False)
+            self._cached_bytes -= _footprint(old_handle, old_ref)
 
     async def _open_uncached(self, handle: str) -> KeyRef:
-        body = signature = None
-        try:  # every part is decoded, as the original does: a bad one fails even if later ones
-            for part in handle.split("&"):
-                if part.startswith("sr="):
-                    body = b64decode_strict(part[3:])
-                    text = body.decode("utf-8")
-                elif part.startswith("sig="):
-                    signature = b64decode_strict(part[4:])
-        except (binascii.Error, ValueError):
-            raise invalid_handle() from None
-        if body is None or signature is None:
-            raise invalid_handle()
+        if len(handle) < _LARGE:
+            body, signature = _split(handle)
+        else:
+            body, signature = await in_worker(_split, handle)
         if not hmac.compare_digest(await self._mac(body), signature):
             raise invalid_handle()
-        try:
-            key_id = json.loads(text)["key_id"]
-            ((kind, value),) = key_id.items()
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise invalid_handle() from None
+        if len(body) < _LARGE:
+            kind, value = _decode_body(body)
+        else:
+            kind, value = await in_worker(_decode_body, body)
         if kind in ("Key", "KeyPair") and isinstance(value, str):
             return KeyRef(kind, _storable_id(value))
         if kind == "Derived":
-            try:
-                base, data = value
-                data = bytes(data)
-            except (ValueError, TypeError):
-                raise invalid_handle() from None
-            if not isinstance(base, str):
-                raise invalid_handle()
+            base, data = value
             await self.open(base)
             return KeyRef("Derived", base_handle=base, derivation_data=data)
         raise invalid_handle()
@@ -142,6 +156,53 @@ class HandleSealer:
         while ref.kind == "Derived":
             ref = await self.open(ref.base_handle)
         return ref
+
+
+def _footprint(handle: str, ref: KeyRef) -> int:
+    """About what a cache entry holds: the handle, and what it names."""
+    return len(handle) + len(ref.key_id) + len(ref.base_handle) + len(ref.derivation_data) + 200
+
+
+def _sealed_body(ref: KeyRef, nonce: str) -> bytes:
+    return json.dumps(
+        {"key_id": ref.to_json(), "nonce": nonce}, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+
+
+def _split(handle: str) -> tuple[bytes, bytes]:
+    """The `sr` JSON and the `sig` MAC of a handle, both decoded."""
+    body = signature = None
+    try:  # every part is decoded, as the original does: a bad one fails even if later ones
+        for part in handle.split("&"):
+            if part.startswith("sr="):
+                body = b64decode_strict(part[3:])
+                body.decode("utf-8")
+            elif part.startswith("sig="):
+                signature = b64decode_strict(part[4:])
+    except (binascii.Error, ValueError):
+        raise invalid_handle() from None
+    if body is None or signature is None:
+        raise invalid_handle()
+    return body, signature
+
+
+def _decode_body(body: bytes) -> tuple[str, Any]:
+    """(kind, value) of a MAC-checked `sr` JSON; a Derived value as (base handle, bytes)."""
+    try:
+        key_id = json.loads(body.decode("utf-8"))["key_id"]
+        ((kind, value),) = key_id.items()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise invalid_handle() from None
+    if kind == "Derived":
+        try:
+            base, data = value
+            data = bytes(data)
+        except (ValueError, TypeError):
+            raise invalid_handle() from None
+        if not isinstance(base, str):
+            raise invalid_handle()
+        return kind, (base, data)
+    return kind, value
 
 
 def _storable_id(key_id: str) -> str:

@@ -2,7 +2,9 @@
 
 The cache is keyed by path and checked against the file's inode, size and mtime on every use,
 so a file changed behind the daemon's back (an operator replacing a preloaded key) is re-read,
-while the common case, signing again with the same key, costs one stat() and no parsing.
+while the common case, signing again with the same key, costs one stat() and no parsing. It is
+bounded by bytes, least recently used first out: a device may hold more key bytes than it has
+memory to spare, and a caller allowed to import keys chooses their size.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import stat
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ import attrs
 import trio
 
 from bus.faults import Faults
+
+from .filecrypto import in_worker
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +34,60 @@ def key_file_name(key_id: str) -> str:
     return f"{alnum}-{hashlib.sha256(key_id.encode('utf-8')).hexdigest()}.key"
 
 
+_CACHE_BYTES = 4 << 20
+_CACHEABLE = 64 << 10  # real key files are under 4 KiB; larger ones are read on each use
+_PARSED_COST = 4 << 10  # about what a parsed key costs OpenSSL beside its file's bytes
+_LARGE = 64 << 10  # a file this large is read in a worker thread
+
+
+class UnsafeDirectory(Exception):
+    """The key directory (or the home directory holding it) can be changed by another user."""
+
+
 @attrs.define
 class _Cached:
     signature: tuple[int, int, int]
     data: bytes
     parsed: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def cost(self) -> int:
+        return len(self.data) + _PARSED_COST * len(self.parsed) + 200
+
+
+def make_directories(path: Path, mode: int, parents_mode: int = 0o755) -> None:
+    """Create `path` with `mode`, and any missing parent with `parents_mode`, whatever the umask
+    (under umask 0, mkdir -p would leave them 0777 and anyone could swap what is inside)."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for directory in reversed(missing):
+        wanted = mode if directory == path else parents_mode
+        with contextlib.suppress(FileExistsError):  # made meanwhile: checked by the caller
+            os.mkdir(directory, wanted)
+            os.chmod(directory, wanted)
+
+
+def check_private_directory(path: Path) -> None:
+    """Refuse a directory that a user other than this one (or root) could write to."""
+    info = os.lstat(path)
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeDirectory(f"{path} is not a directory (mode {stat.filemode(info.st_mode)})")
+    if info.st_uid not in (0, os.geteuid()):
+        raise UnsafeDirectory(
+            f"{path} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}); "
+            "it could replace the keys and the handle-validation key"
+        )
+    if mode & 0o022:
+        raise UnsafeDirectory(
+            f"{path} has mode {mode:04o}: users other than its owner can write to it and could "
+            f"replace the keys and the handle-validation key (chmod go-w {path})"
+        )
 
 
 def write_atomic(path: Path, data: bytes, faults: Faults, mode: int = 0o600) -> None:
@@ -70,13 +125,22 @@ class FileStore:
     def __init__(self, keys_dir: Path | None, faults: Faults) -> None:
         self.keys_dir = keys_dir
         self._faults = faults
-        self._cache: dict[Path, _Cached] = {}
+        self._cache: OrderedDict[Path, _Cached] = OrderedDict()
+        self._cached_bytes = 0
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cached_bytes
 
     def prepare(self) -> None:
-        """Create the keys directory and sweep temp files that a crash mid-write left behind."""
+        """Create the keys directory (and the home directory) 0700, refuse them if another user
+        can write to them, and sweep temp files that a crash mid-write left behind."""
         if self.keys_dir is None:
             return
-        self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_directories(self.keys_dir.parent, 0o700)
+        make_directories(self.keys_dir, 0o700)
+        check_private_directory(self.keys_dir.parent)
+        check_private_directory(self.keys_dir)
         for stale in self.keys_dir.glob(".*.tmp"):
             log.info("removing %s, left by an interrupted write", stale)
             with contextlib.suppress(FileNotFoundError):
@@ -96,41 +160,68 @@ class FileStore:
         if entry is None:
             return None
         if kind not in entry.parsed:
-            entry.parsed[kind] = parse(entry.data)
+            # Parsing checks the key (an RSA key's primes, for one): off the loop, whatever size.
+            parsed = await in_worker(parse, entry.data)
+            if self._cache.get(path) is entry:
+                self._cached_bytes -= entry.cost
+                entry.parsed[kind] = parsed
+                self._cached_bytes += entry.cost
+                self._trim()
+            else:
+                entry.parsed[kind] = parsed
         return entry.data, entry.parsed[kind]
 
     async def _entry(self, path: Path) -> _Cached | None:
         await self._faults.hit("store.read")
         try:
-            stat = os.stat(path)
+            info = os.stat(path)
         except FileNotFoundError:
-            self._cache.pop(path, None)
+            self._forget(path)
             return None
-        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        signature = (info.st_ino, info.st_size, info.st_mtime_ns)
         entry = self._cache.get(path)
         if entry is not None and entry.signature == signature:
+            self._cache.move_to_end(path)
             return entry
+        self._forget(path)
         try:
-            data = path.read_bytes()
+            if info.st_size < _LARGE:
+                data = path.read_bytes()
+            else:
+                data = await trio.to_thread.run_sync(path.read_bytes)
         except FileNotFoundError:
             return None
-        entry = self._cache[path] = _Cached(signature, data)
+        entry = _Cached(signature, data)
+        if len(data) <= _CACHEABLE:
+            self._cache[path] = entry
+            self._cached_bytes += entry.cost
+            self._trim()
         return entry
 
+    def _forget(self, path: Path) -> None:
+        entry = self._cache.pop(path, None)
+        if entry is not None:
+            self._cached_bytes -= entry.cost
+
+    def _trim(self) -> None:
+        while self._cached_bytes > _CACHE_BYTES and self._cache:
+            _, oldest = self._cache.popitem(last=False)
+            self._cached_bytes -= oldest.cost
+
     async def write(self, path: Path, data: bytes) -> None:
-        self._cache.pop(path, None)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._forget(path)
+        make_directories(path.parent, 0o700)
         await trio.to_thread.run_sync(write_atomic, path, data, self._faults)
-        self._cache.pop(path, None)
+        self._forget(path)
 
     async def remove(self, path: Path) -> None:
-        self._cache.pop(path, None)
+        self._forget(path)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             await trio.to_thread.run_sync(fsync_directory, path.parent)
 
     async def rename(self, source: Path, destination: Path) -> None:
-        self._cache.pop(source, None)
-        self._cache.pop(destination, None)
+        self._forget(source)
+        self._forget(destination)
         os.replace(source, destination)
         await trio.to_thread.run_sync(fsync_directory, destination.parent)
