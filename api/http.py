@@ -1,7 +1,8 @@
 """The HTTP framework every service shares: spec/api.md §1.2–§1.3, step by step.
 
-An ASGI app over hypercorn. It knows HTTP and the original's framing rules, nothing about keys:
-each route's handler turns a `Request` into one bus call and the result into a `Response`.
+Called by the connection (`http1`) once per request. It knows HTTP and the original's framing
+rules, nothing about keys: each route's handler turns a `Request` into one bus call and the
+result into a `Response`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import attrs
 import trio
 
 from bus.errors import BusError, ErrorKind
+from bus.logtext import loggable
 
+from . import http1
 from .body import ShapeError, parse_json, shape_message
 
 log = logging.getLogger(__name__)
 
+JSON = b"application/json"
 BODY_TIMEOUT = 5.0  # the original's body read timeout
 MAX_BODY = 1 << 20  # 1 MiB: no request of any service comes close
 
@@ -125,12 +129,9 @@ class ServiceApp:
         self._versions = frozenset(api_versions)
         self._routes = routes
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        uid, pid = scope.get("peer", (0, 0))
+    async def __call__(self, incoming: http1.Request) -> http1.Response:
         try:
-            response = await self._respond(scope, receive, uid, pid)
+            response = await self._respond(incoming)
         except HttpError as error:
             response = Response(error.status, {"message": error.message})
         except BusError as error:
@@ -141,14 +142,16 @@ class ServiceApp:
             log.warning(
                 "%s %s %s uid=%d pid=%d -> %d %s",
                 self.name,
-                scope["method"],
-                scope.get("raw_path", b"").decode("latin-1"),
-                uid,
-                pid,
+                loggable(incoming.method),
+                loggable(incoming.target.decode("latin-1")),
+                incoming.uid,
+                incoming.pid,
                 response.status,
-                (response.body or {}).get("message", "").split("\n")[0],
+                loggable((response.body or {}).get("message", "").split("\n")[0]),
             )
-        await self._send(send, response, head=scope["method"] == "HEAD")
+        if response.status == 204:
+            return http1.Response(204)
+        return http1.Response(response.status, encode_json(response.body), JSON)
 
     @staticmethod
     def _bus_error(error: BusError) -> Response:
@@ -156,40 +159,43 @@ class ServiceApp:
         message = "internal error" if error.kind is ErrorKind.INTERNAL else error.message
         return Response(status, {"message": message})
 
-    async def _respond(self, scope: dict[str, Any], receive: Any, uid: int, pid: int) -> Response:
-        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+    async def _respond(self, incoming: http1.Request) -> Response:
+        path, _, query_text = incoming.target.decode("latin-1").partition("?")
+        query = dict(parse_qsl(query_text, keep_blank_values=True))
         api_version = query.pop("api-version", None)
         if api_version is None:
             raise HttpError(400, "api-version not specified")
         if api_version not in self._versions:
             raise HttpError(400, f"invalid api-version {rust_debug(api_version)}")
-        path = scope["raw_path"].decode("latin-1")
         for candidate in self._routes:
             params = candidate.match(path, api_version)
             if params is not None:
                 break
         else:
             raise HttpError(404, "not found")
-        method = scope["method"]
-        raw_body = await self._read_body(scope, receive, method)
+        method = incoming.method
+        raw_body = await self._read_body(incoming, method)
         # The original parses the body before it looks at the method: bad JSON wins over 400.
         parsed = None if raw_body is None else parse_json(raw_body)
         handler = candidate.handlers.get(method)
         if handler is None:
             raise HttpError(400, "method not allowed")
-        request = Request(method, params, query, api_version, raw_body, parsed, uid, pid)
+        request = Request(
+            method, params, query, api_version, raw_body, parsed, incoming.uid, incoming.pid
+        )
         try:
             return await handler(request)
         except ShapeError as error:
             raise HttpError(422, shape_message(error, raw_body or b"")) from None
 
-    async def _read_body(self, scope: dict[str, Any], receive: Any, method: str) -> bytes | None:
+    @staticmethod
+    async def _read_body(incoming: http1.Request, method: str) -> bytes | None:
         if method == "GET":
             return None
         if method not in ("POST", "DELETE", "PUT"):
             raise HttpError(400, "method not allowed")
         content_type = None
-        for name, value in scope["headers"]:
+        for name, value in incoming.headers:
             if name == b"content-type":
                 content_type = value.decode("latin-1").split(";", 1)[0].strip()
             elif name == b"content-length" and value.isdigit() and int(value) > MAX_BODY:
@@ -197,44 +203,15 @@ class ServiceApp:
         is_json = content_type is None or content_type == "application/json"
         if method == "PUT" and not is_json:
             raise HttpError(415, "request body must be application/json")
-        chunks = []
-        size = 0
         with trio.move_on_after(BODY_TIMEOUT) as timer:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise HttpError(400, "error reading request body: connection closed")
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > MAX_BODY:
-                    raise HttpError(413, "request body too large")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
+            try:
+                body = await incoming.read_body(MAX_BODY)
+            except http1.BodyError as error:
+                raise HttpError(error.status, error.message) from None
         if timer.cancelled_caught:
             raise HttpError(408, "deadline has elapsed")
-        body = b"".join(chunks)
         if method == "PUT":
             return body  # PUT bodies are always parsed, even empty ones
         if not body or not is_json:
             return None
         return body
-
-    @staticmethod
-    async def _send(send: Any, response: Response, head: bool) -> None:
-        if response.status == 204:
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        payload = encode_json(response.body)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode("ascii")),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": b"" if head else payload})

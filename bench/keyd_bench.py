@@ -1,4 +1,7 @@
-"""keyd throughput, latency, memory and start time, with a bare quart-trio baseline.
+"""keyd throughput, latency, memory and start time, as ratios to a ceiling measured in the run.
+
+The ceiling (bench/ceiling_server.py) is bare trio sockets with httptools answering the same
+requests (an HMAC for POST, a handle-sized body for GET) with nothing of ours in between.
 
 Run: .venv/bin/python bench/keyd_bench.py [--seconds 3]
 """
@@ -104,41 +107,26 @@ def main() -> None:
     print(f"aziotd: RSS after load {rss_mib(keyd.process.pid):.1f} MiB")
     keyd.stop()
 
-    socket_path = str(work / "baseline.sock")
-    baseline = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "--worker-class",
-            "trio",
-            "--bind",
-            f"unix:{socket_path}",
-            "--log-level",
-            "warning",
-            "bench.baseline_app:app",
-        ],
-        cwd=ROOT,
+    socket_path = str(work / "ceiling.sock")
+    ceiling = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "ceiling_server.py"), socket_path],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_socket(socket_path, baseline)
-        request = post(
-            "/sign",
-            {"keyHandle": "-", "algorithm": "HMAC-SHA256", "parameters": {"message": message}},
-        )
-        for connections in (1, 16):
-            figures = run(socket_path, request, connections, args.seconds)
-            ours = results[f"aziotd HMAC-SHA256 sign, {connections} conn"]
-            print(
-                figures.line(f"bare quart-trio HMAC, {connections} conn")
-                + f"   (aziotd/baseline {ours.rate / figures.rate:.2f})",
-                flush=True,
-            )
+        wait_for_socket(socket_path, ceiling)
+        for name, request in scenarios.items():
+            for connections in (1, 16):
+                figures = run(socket_path, request, connections, args.seconds)
+                ours = results[f"aziotd {name}, {connections} conn"]
+                print(
+                    figures.line(f"ceiling {name}, {connections} conn")
+                    + f"   (aziotd/ceiling {ours.rate / figures.rate:.2f})",
+                    flush=True,
+                )
     finally:
-        baseline.terminate()
-        baseline.wait()
+        ceiling.terminate()
+        ceiling.wait()
     print(json.dumps({k: round(v.rate) for k, v in results.items()}))
 
 

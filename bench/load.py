@@ -77,7 +77,7 @@ def run(
                 data = sock.recv(65536)
             except ConnectionResetError:
                 data = b""
-            if not data:  # e.g. hypercorn's keep_alive_max_requests: reconnect, count it
+            if not data:  # the server closed it: reconnect, count it
                 selector.unregister(sock)
                 del state[sock]
                 sock.close()

@@ -1095,7 +1095,7 @@ def world() -> Iterator[World]:
 # -- strategies ------------------------------------------------------------------------------
 
 UNRESERVED = string.ascii_letters + string.digits + "-._~"
-PATH_SAFE = UNRESERVED + "!$&'()*+,;=:@"  # pchar: sent raw, parsed alike by h11 and hyper
+PATH_SAFE = UNRESERVED + "!$&'()*+,;=:@"  # pchar: sent raw, parsed alike by llhttp and hyper
 TOKEN = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
 B64_CHARS = string.ascii_letters + string.digits + "+/="
 FIXTURE_IDS = ("sym", "short", "ec", "rsa", HANDLE_VALIDATION_KEY, "missing", "")

@@ -570,7 +570,7 @@ def test_thousands_of_idle_connections_keep_memory_bounded(
             assert len(answers) == LIMIT
             message = f"user {client.uid} is not authorized to access the key nope"
             assert answers == [[401, {"message": message}]] * LIMIT, answers
-        assert time.monotonic() - started < 25, "idle connections near hypercorn's 30 s timeout"
+        assert time.monotonic() - started < 25, "idle connections near the 30 s keep-alive timeout"
         peak = memory_kib(pid)
         growth = (peak["VmHWM"] - before["VmRSS"]) / 1024
         print(
