@@ -137,6 +137,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--heavy", type=int, default=10, help="heavy connections (max_requests)")
+    parser.add_argument(
+        "--only", choices=("rsa", "gcm", "derive"), help="one kind of heavy request, not all three"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root: the callers are forked processes that drop to other uids")
@@ -153,6 +156,8 @@ def main() -> int:
         assert call(keyd.socket, "POST", "/key", {"keyId": "other-key", "usage": "sign",
                                                  "keyBytes": None}).status == 200
         bodies = heavy_bodies(keyd.socket)
+        if args.only:
+            bodies = [bodies[("rsa", "gcm", "derive").index(args.only)]]
         alone = measure_victim(keyd.socket, args.seconds)
         print(f"victim alone:                          {figures(alone)}")
         heavy = [fork(heavy_loop, keyd.socket, bodies, uid=HEAVY_UID) for _ in range(args.heavy)]
