@@ -4,7 +4,7 @@ llhttp, our fast parser, is stricter than httparse in a few places a client can 
 refuses methods it does not know (`get`, `FOO`), bare LF line ends, and a Content-Length beside
 `Transfer-Encoding: chunked`. For such a request the connection falls back to this module, so
 that it gets the answer the original gives, not a bare 400. Only the head is read here; the
-body is still framed by llhttp (see `Http1Connection`).
+connection frames the body (see `Http1Connection`).
 """
 
 from __future__ import annotations
@@ -35,17 +35,6 @@ class Head:
     target: bytes
     minor_version: int
     headers: list[tuple[bytes, bytes]]  # names lower-cased, in order
-    size: int  # bytes of the head, blank line included
-    chunked: bool
-    content_length: int | None
-
-    def framing(self) -> bytes:
-        """A head llhttp accepts that frames the body exactly as this one does."""
-        if self.chunked:
-            return b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
-        if self.content_length:
-            return b"POST / HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % self.content_length
-        return b"GET / HTTP/1.1\r\n\r\n"
 
 
 def parse_head(data: bytes) -> Head | None:
@@ -53,7 +42,7 @@ def parse_head(data: bytes) -> Head | None:
     start = 0
     while data.startswith((b"\r\n", b"\n"), start):  # httparse skips empty lines before a request
         start += 2 if data.startswith(b"\r\n", start) else 1
-    end, blank = head_end(data, start)
+    end, _ = head_end(data, start)
     if end < 0:
         if len(data) > MAX_HEAD:
             raise HeadTooLarge("request head too large")
@@ -72,9 +61,9 @@ def parse_head(data: bytes) -> Head | None:
         if header is None:
             raise HeadError("invalid header")
         headers.append((header[1].lower(), header[2]))
-    chunked, length = _framing(headers)
+    _check_framing(headers)
     method, target, minor = found.groups()
-    return Head(method.decode("ascii"), target, int(minor), headers, end + blank, chunked, length)
+    return Head(method.decode("ascii"), target, int(minor), headers)
 
 
 def head_end(data: bytes, start: int) -> tuple[int, int]:
@@ -86,7 +75,7 @@ def head_end(data: bytes, start: int) -> tuple[int, int]:
     return min(candidates) if candidates else (-1, 0)
 
 
-def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
+def _check_framing(headers: list[tuple[bytes, bytes]]) -> None:
     """hyper's rules: Transfer-Encoding wins over Content-Length and must end in chunked;
     repeated Content-Lengths must agree."""
     encodings = [value for name, value in headers if name == b"transfer-encoding"]
@@ -94,10 +83,7 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
         last = b",".join(encodings).split(b",")[-1].strip().lower()
         if last != b"chunked":
             raise HeadError("transfer-encoding does not end in chunked")
-        return True, None
+        return
     lengths = {value for name, value in headers if name == b"content-length"}
-    if not lengths:
-        return False, None
     if len(lengths) > 1 or not all(value.isdigit() for value in lengths):
         raise HeadError("invalid content-length")
-    return False, int(lengths.pop())
