@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import decimal
 import json
 import re
 from functools import partial
@@ -25,6 +26,133 @@ _SERDE_WORDING = {
         "control character (\\u0000-\\u001F) found while parsing a string"
     ),
 }
+
+
+class OutOfRange:
+    """A number serde_json cannot hold (an f64 overflow): an error only where a field is read.
+
+    serde skips an ignored field's number by its syntax alone, whatever its size, but a number
+    it must deserialize (a known field, or any value of a struct with a flattened field, which
+    serde buffers whole) fails with "number out of range"."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "OutOfRange()"
+
+
+OUT_OF_RANGE = OutOfRange()
+_U64_MAX = (1 << 64) - 1
+_I32_MAX = (1 << 31) - 1
+# serde_json's table of powers of ten (Rust float literals, correctly rounded as Python's are)
+_POW10 = [float(f"1e{i}") for i in range(309)]
+
+
+def _overflows(value: int, digit: int, limit: int) -> bool:
+    """serde_json's `overflow!(value * 10 + digit, limit)`."""
+    return value >= limit // 10 and (value > limit // 10 or digit > limit % 10)
+
+
+def _f64_from_parts(positive: bool, significand: int, exponent: int) -> float | OutOfRange:
+    """serde_json's float assembly (without its `float_roundtrip` feature, as the original
+    builds it): the u64 significand times or over one power of ten, not correctly rounded."""
+    value = float(significand)
+    while True:
+        if abs(exponent) < len(_POW10):
+            if exponent >= 0:
+                value *= _POW10[exponent]
+                if value == float("inf"):
+                    return OUT_OF_RANGE
+            else:
+                value /= _POW10[-exponent]
+            break
+        if value == 0.0:
+            break
+        if exponent >= 0:
+            return OUT_OF_RANGE
+        value /= 1e308
+        exponent += 308
+    return value if positive else -value
+
+
+def serde_number(text: str) -> int | float | OutOfRange:
+    """The value serde_json reads from the JSON number `text` (already known to be valid JSON):
+    an integer when it fits u64 (or i64 when negative), else an f64, else out of range.
+
+    Python's own reading differs at the edges: integers beyond 4,300 digits raise, `-0` is an
+    integer, `1e400` is infinity, and floats are correctly rounded where serde is not."""
+    positive = not text.startswith("-")
+    at = 0 if positive else 1
+    end = len(text)
+    significand = exponent = 0
+    digits = text[at:]
+    if len(digits) < 19 and digits.isascii() and digits.isdigit():
+        significand = int(digits)  # the common case: an integer of at most 18 digits
+        at = end
+    while at < end and text[at].isdigit():
+        digit = ord(text[at]) - 48
+        if _overflows(significand, digit, _U64_MAX):
+            start = at  # the digits past u64 only scale it
+            while at < end and text[at].isdigit():
+                at += 1
+            exponent = at - start
+            break
+        significand = significand * 10 + digit
+        at += 1
+    if at == end and exponent == 0:
+        if positive:
+            return significand
+        if significand == 0 or significand > 1 << 63:
+            return -float(significand)  # serde: "-0" and below i64::MIN are floats
+        return -significand
+    if at < end and text[at] == ".":
+        at += 1
+        while at < end and text[at].isdigit():
+            digit = ord(text[at]) - 48
+            if _overflows(significand, digit, _U64_MAX):
+                while at < end and text[at].isdigit():
+                    at += 1
+                break
+            significand = significand * 10 + digit
+            exponent -= 1
+            at += 1
+    if at < end and text[at] in "eE":
+        at += 1
+        positive_exponent = text[at] != "-"
+        if text[at] in "+-":
+            at += 1
+        power = 0
+        while at < end:
+            digit = ord(text[at]) - 48
+            if power and _overflows(power, digit, _I32_MAX):
+                if significand != 0 and positive_exponent:
+                    return OUT_OF_RANGE
+                return 0.0 if positive else -0.0
+            power = power * 10 + digit
+            at += 1
+        exponent = exponent + power if positive_exponent else exponent - power
+        exponent = max(-(1 << 31), min(_I32_MAX, exponent))  # Rust's saturating i32 arithmetic
+    return _f64_from_parts(positive, significand, exponent)
+
+
+def rust_float(value: float) -> str:
+    """An f64 as serde's error texts show it: Rust's shortest round-trip digits written out
+    without an exponent, and `.0` added when that has no decimal point."""
+    text = format(decimal.Decimal(repr(value)), "f")
+    return text if "." in text else text + ".0"
+
+
+def _has_out_of_range(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is OUT_OF_RANGE:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class ShapeError(Exception):
@@ -56,7 +184,11 @@ def parse_json(raw: bytes) -> Any:
         )
     try:
         value = json.loads(
-            text, object_pairs_hook=_no_duplicates, parse_constant=partial(_no_constant, text)
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=partial(_no_constant, text),
+            parse_int=serde_number,
+            parse_float=serde_number,
         )
     except JsonSyntaxError:
         raise
@@ -132,7 +264,7 @@ def describe(value: Any) -> str:
     if isinstance(value, int):
         return f"integer `{value}`"
     if isinstance(value, float):
-        return f"floating point `{value}`"
+        return f"floating point `{rust_float(value)}`"
     if isinstance(value, str):
         return f"string {json.dumps(value)}"
     if isinstance(value, list):
@@ -149,10 +281,15 @@ class Fields:
     """
 
     def __init__(self, value: Any, what: str, order: tuple[str, ...] | None = None) -> None:
+        if value is OUT_OF_RANGE:
+            raise ShapeError("number out of range")
         if isinstance(value, list) and order is not None:
             value = _from_sequence(value, what, order)
         if not isinstance(value, dict):
             raise ShapeError(f"invalid type: {describe(value)}, expected {what}")
+        if order is None and _has_out_of_range(value):
+            # A flattened field makes serde buffer every value, ignored ones too, as numbers.
+            raise ShapeError("number out of range")
         self._value = value
 
     def has(self, name: str) -> bool:
@@ -161,7 +298,10 @@ class Fields:
     def raw(self, name: str) -> Any:
         if name not in self._value:
             raise ShapeError(f"missing field `{name}`")
-        return self._value[name]
+        value = self._value[name]
+        if value is OUT_OF_RANGE:
+            raise ShapeError("number out of range")
+        return value
 
     def string(self, name: str) -> str:
         value = self.raw(name)
@@ -171,6 +311,8 @@ class Fields:
 
     def optional_string(self, name: str) -> str | None:
         value = self._value.get(name)
+        if value is OUT_OF_RANGE:
+            raise ShapeError("number out of range")
         if value is None:
             return None
         if not isinstance(value, str):

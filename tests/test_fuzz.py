@@ -41,6 +41,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import pytest
@@ -1993,3 +1994,84 @@ def test_every_sr_and_sig_part_of_a_handle_is_decoded(world: World, first: str, 
     if base == "sym":
         body = {"baseKeyHandle": f"{first}&{good}", "derivationData": b64(b"x")}
     pin(world, post(path, json.dumps(body).encode()), error(400, INVALID_HANDLE))
+
+
+# -- large inputs (issue 11): ids, derivation data, numbers ------------------------------------
+
+huge_ids = st.builds(
+    lambda char, count, tail: char * count + tail,
+    st.sampled_from("a-é*?"),
+    st.integers(1_000, 60_000),
+    st.text(max_size=3),
+)
+
+
+@settings(FUZZ, max_examples=24)
+@given(key_id=huge_ids, what=st.sampled_from(["create", "import", "create-pair", "load"]))
+def test_large_key_ids(world: World, key_id: str, what: str) -> None:
+    """Ids far longer than a file name: stored when their file name is short (only ASCII
+    alphanumerics are kept in it), 500 when it is not, as in the original."""
+    if what == "load":
+        case = Case("GET", "/key/" + quote(key_id[:5_000], safe=""))
+    elif what == "create-pair":
+        case = Case("POST", "/keypair", body={"keyId": key_id, "preferredAlgorithms": "ec-p256"})
+    else:
+        body: dict[str, Any] = {"keyId": key_id, "usage": "sign"}
+        if what == "import":
+            body["keyBytes"] = b64(bytes(32))
+        case = Case("POST", "/key", body=body)
+    world.exchange(case.request(world))
+
+
+@settings(FUZZ, max_examples=12)
+@given(
+    size=st.integers(48 * 1024, 700 * 1024),
+    base=st.sampled_from(BASES),
+    use=st.sampled_from(["derive", "export", "sign"]),
+)
+def test_large_derivation_data(world: World, size: int, base: str, use: str) -> None:
+    """Derivation data up to the 1 MiB body limit (a 3.7 MB handle): made, and forged handles
+    carrying as much used, each checked against the model's HMAC."""
+    data = os.urandom(size)
+    if use == "derive":
+        body: dict[str, Any] = {"baseKeyHandle": Handle("real", base), "derivationData": b64(data)}
+        case = Case("POST", "/derivedkey", body=body)
+    else:
+        handle = Handle("forged-derived", name=base, data=data[: 200 * 1024])
+        if use == "export":
+            case = Case("POST", "/derivedkey/export", body={"keyHandle": handle})
+        else:
+            body = {"keyHandle": handle, "algorithm": "HMAC-SHA256",
+                    "parameters": {"message": b64(data[:1000])}}  # fmt: skip
+            case = Case("POST", "/sign", body=body)
+    world.exchange(case.request(world))
+
+
+@PIN
+@given(
+    number=st.one_of(
+        st.integers(4_301, 30_000).map(lambda n: "9" * n),
+        st.integers(310, 4_300).map(lambda n: "-" + "1" * n),
+        st.integers(309, 10**12).map(lambda n: f"1e{n}"),
+        st.integers(1, 10**6).map(lambda n: f"0.{'0' * n}1e999999999999"),
+    ),
+    where=st.sampled_from(["ignored", "nested-ignored", "keyId", "flattened-ignored"]),
+)
+def test_numbers_beyond_f64(world: World, number: str, where: str) -> None:
+    """serde skips an ignored field by its syntax, whatever its size; a field it reads (or any
+    value of a struct with a flattened field, which it buffers) is out of range."""
+    if where == "keyId":
+        raw = f'{{"keyId":{number},"usage":"sign"}}'
+        want = error(422, prefix="number out of range at line 1 column ")
+    elif where == "flattened-ignored":
+        handle = world.handles["sym"]
+        raw = (
+            f'{{"keyHandle":"{handle}","algorithm":"HMAC-SHA256",'
+            f'"parameters":{{"message":""}},"x":{{"y":[{number}]}}}}'
+        )
+        want = error(422, prefix="number out of range at line 1 column ")
+    else:
+        value = number if where == "ignored" else f'{{"a":[1,{number}]}}'
+        raw = f'{{"keyId":"sym","usage":"sign","comment":{value}}}'
+        want = success(200)
+    pin(world, post("/sign" if where == "flattened-ignored" else "/key", raw.encode()), want)
