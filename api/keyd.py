@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
 
 from actors.keys import messages as m
+from actors.keys.messages import Keys
 from bus.bus import Bus
+from bus.protocol import Caller, Client
 
 from .body import Fields, ShapeError
 from .http import HttpError, Request, Response, Route, ServiceApp, route, rust_debug
@@ -22,6 +23,10 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def caller(request: Request) -> Caller:
+    return Caller(uid=request.uid)
+
+
 def parse_usage(text: str) -> list[str]:
     usage = text.split(",")
     for token in usage:
@@ -34,17 +39,12 @@ def parse_usage(text: str) -> list[str]:
 class KeydApi:
     """Route handlers; each one is a translation, the keys actor does the work."""
 
-    def __init__(self, bus: Bus, actor: str = "keys") -> None:
-        self._bus = bus
-        self._actor = actor
+    def __init__(self, bus: Bus) -> None:
+        self._keys = Client(bus, Keys, Caller(service="keyd"))
 
-    async def _call(self, message: Any) -> Any:
-        op, args = m.to_wire(message)
-        return await self._bus.request(self._actor, op, args)
-
-    async def _handle_reply(self, message: Any) -> Response:
-        result = await self._call(message)
-        return Response(200, {"keyHandle": result["handle"]})
+    @staticmethod
+    def _handle(reply: m.KeyHandle) -> Response:
+        return Response(200, {"keyHandle": reply.handle})
 
     def app(self) -> ServiceApp:
         routes: list[Route] = [
@@ -65,29 +65,39 @@ class KeydApi:
         key_id = body.string("keyId")
         usage = parse_usage(body.string("usage"))
         key_bytes = body.optional_b64("keyBytes")
-        return await self._handle_reply(m.CreateKey(request.uid, key_id, usage, key_bytes))
+        reply = await self._keys.call(
+            Keys.create_key, m.CreateKey(key_id, usage, key_bytes), caller=caller(request)
+        )
+        return self._handle(reply)
 
     async def delete_key(self, request: Request) -> Response:
         handle = Fields(request.body(), REQUEST, ("keyHandle",)).string("keyHandle")
-        await self._call(m.DeleteKey(handle))
+        await self._keys.call(Keys.delete_key, m.DeleteKey(handle), caller=caller(request))
         return Response(204)
 
     async def create_key_pair(self, request: Request) -> Response:
         body = Fields(request.body(), REQUEST, ("keyId", "preferredAlgorithms"))
         key_id = body.string("keyId")
         algorithms = body.optional_string("preferredAlgorithms")
-        return await self._handle_reply(m.CreateKeyPair(request.uid, key_id, algorithms))
+        request_ = m.CreateKeyPair(key_id, algorithms)
+        return self._handle(
+            await self._keys.call(Keys.create_key_pair, request_, caller=caller(request))
+        )
 
     async def delete_key_pair(self, request: Request) -> Response:
         handle = Fields(request.body(), REQUEST, ("keyHandle",)).string("keyHandle")
-        await self._call(m.DeleteKeyPair(handle))
+        await self._keys.call(Keys.delete_key_pair, m.DeleteKeyPair(handle), caller=caller(request))
         return Response(204)
 
     async def load(self, request: Request) -> Response:
         kind, key_id = request.params
         if kind == "key":
-            return await self._handle_reply(m.LoadKey(request.uid, key_id))
-        return await self._handle_reply(m.LoadKeyPair(request.uid, key_id))
+            return self._handle(
+                await self._keys.call(Keys.load_key, m.LoadKey(key_id), caller=caller(request))
+            )
+        return self._handle(
+            await self._keys.call(Keys.load_key_pair, m.LoadKeyPair(key_id), caller=caller(request))
+        )
 
     async def move_key_pair(self, request: Request) -> Response:
         kind, destination = request.params
@@ -96,26 +106,34 @@ class KeydApi:
             raise HttpError(400, "source and destination for move are identical")
         if kind != "keypair":
             raise HttpError(400, f'invalid type "{kind}"')
-        await self._call(m.MoveKeyPair(request.uid, source, destination))
+        move = m.MoveKeyPair(source, destination)
+        await self._keys.call(Keys.move_key_pair, move, caller=caller(request))
         return Response(204)
 
     async def get_parameter(self, request: Request) -> Response:
         (name,) = request.params
         handle = Fields(request.body(), REQUEST, ("keyHandle",)).string("keyHandle")
-        result = await self._call(m.GetParameter(handle, name))
-        value = result["value"]
+        result = await self._keys.call(
+            Keys.get_parameter, m.GetParameter(handle, name), caller=caller(request)
+        )
+        value = result.value
         return Response(200, {"value": value if isinstance(value, str) else b64(value)})
 
     async def create_derived_key(self, request: Request) -> Response:
         body = Fields(request.body(), REQUEST, ("baseKeyHandle", "derivationData"))
         handle = body.string("baseKeyHandle")
         data = body.b64("derivationData")
-        return await self._handle_reply(m.CreateDerivedKey(handle, data))
+        derive = m.CreateDerivedKey(handle, data)
+        return self._handle(
+            await self._keys.call(Keys.create_derived_key, derive, caller=caller(request))
+        )
 
     async def export_derived_key(self, request: Request) -> Response:
         handle = Fields(request.body(), REQUEST, ("keyHandle",)).string("keyHandle")
-        result = await self._call(m.ExportDerivedKey(handle))
-        return Response(200, {"key": b64(result["key"])})
+        result = await self._keys.call(
+            Keys.export_derived_key, m.ExportDerivedKey(handle), caller=caller(request)
+        )
+        return Response(200, {"key": b64(result.key)})
 
     async def sign(self, request: Request) -> Response:
         body = Fields(request.body(), REQUEST)
@@ -125,8 +143,10 @@ class KeydApi:
         variant = "Ecdsa" if algorithm == "ECDSA" else "HmacSha256"
         parameters = body.object("parameters", f"struct variant Parameters::{variant}", (field,))
         data = parameters.b64(field)
-        result = await self._call(m.Sign(handle, algorithm, data))
-        return Response(200, {"signature": b64(result["signature"])})
+        result = await self._keys.call(
+            Keys.sign, m.Sign(handle, algorithm, data), caller=caller(request)
+        )
+        return Response(200, {"signature": b64(result.signature)})
 
     def _cipher_fields(self, request: Request) -> tuple[Fields, str, str, bytes, bytes]:
         body = Fields(request.body(), REQUEST)
@@ -141,11 +161,13 @@ class KeydApi:
     async def encrypt(self, request: Request) -> Response:
         body, handle, algorithm, iv, aad = self._cipher_fields(request)
         plaintext = body.b64("plaintext")
-        result = await self._call(m.Encrypt(handle, algorithm, plaintext, iv, aad))
-        return Response(200, {"ciphertext": b64(result["ciphertext"])})
+        encrypt = m.Encrypt(handle, algorithm, plaintext, iv, aad)
+        result = await self._keys.call(Keys.encrypt, encrypt, caller=caller(request))
+        return Response(200, {"ciphertext": b64(result.ciphertext)})
 
     async def decrypt(self, request: Request) -> Response:
         body, handle, algorithm, iv, aad = self._cipher_fields(request)
         ciphertext = body.b64("ciphertext")
-        result = await self._call(m.Decrypt(handle, algorithm, ciphertext, iv, aad))
-        return Response(200, {"plaintext": b64(result["plaintext"])})
+        decrypt = m.Decrypt(handle, algorithm, ciphertext, iv, aad)
+        result = await self._keys.call(Keys.decrypt, decrypt, caller=caller(request))
+        return Response(200, {"plaintext": b64(result.plaintext)})

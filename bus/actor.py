@@ -1,6 +1,7 @@
 """The loop that serves one actor's mailbox.
 
-An actor is any object with `async handle(op, args) -> result`. Its loop decodes each envelope,
+An actor is any object with `async handle(op, args, caller) -> result` (`protocol.dispatcher`
+makes one from a typed protocol). Its loop decodes each envelope,
 runs the handler in a task of its own (bounded by `max_in_flight`, so a full mailbox still pushes
 back), replies, and keeps going. A handler's `BusError` goes back to the caller as is; any other
 exception becomes `internal` for that caller only. `InjectedCrash` (or any BaseException that is
@@ -11,7 +12,6 @@ supervisor decides whether to start it again.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Protocol
 
 import trio
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class Handler(Protocol):
-    async def handle(self, op: str, args: dict[str, Any]) -> Any: ...
+    async def handle(self, op: str, args: dict[str, Any], caller: list[Any] | None) -> Any: ...
 
 
 class ActorCrashed(Exception):
@@ -51,9 +51,8 @@ async def serve_actor(
         request_id = message["id"]
         try:
             await faults.hit(deliver_point)
-            remaining = message["deadline"] - time.time()
-            with trio.move_on_after(remaining) as scope:
-                result = await handler.handle(message["op"], message["args"])
+            with trio.move_on_at(message["deadline"]) as scope:
+                result = await handler.handle(message["op"], message["args"], message["caller"])
             if not scope.cancelled_caught:  # else its caller has already been told `timeout`
                 bus.send_result(request_id, result)
         except BusError as error:
@@ -74,7 +73,7 @@ async def serve_actor(
             task_status.started()
             async for encoded in inbox:
                 message = codec.decode(encoded)
-                if message["deadline"] <= time.time():
+                if message["deadline"] <= trio.current_time():
                     continue  # its caller stopped waiting while it sat in the mailbox
                 await slots.acquire()
                 in_flight.add(message["id"])

@@ -1,14 +1,18 @@
 """Request/reply between actors over bounded mailboxes.
 
-An envelope is a msgpack map `{to, op, args, id, deadline}`; the reply is `{id, ok}` or
-`{id, err: [kind, message]}`. `deadline` is wall-clock seconds since the epoch so that it keeps
-its meaning if a service moves to another process.
+An envelope is a msgpack map `{to, op, args, caller, id, deadline}`; the reply is `{id, ok}` or
+`{id, err: [kind, message, code]}`. `caller` is who asks (see `protocol.Caller`), set by the
+sender beside the arguments.
+
+`deadline` is on trio's clock, which is monotonic: a device's wall clock jumps at its first NTP
+sync, and a wall-clock deadline would then expire (or stretch) every queued request at once. A
+message that leaves the process must carry seconds-left instead and be given a deadline on the
+receiver's clock again; none does today.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Any
 
 import attrs
@@ -50,7 +54,13 @@ class Bus:
         return name in self._mailboxes
 
     async def request(
-        self, to: str, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+        self,
+        to: str,
+        op: str,
+        args: dict[str, Any] | None = None,
+        *,
+        caller: list[Any] | None = None,
+        timeout: float | None = None,
     ) -> Any:
         """Send `op` to actor `to` and return its result, or raise its `BusError`.
 
@@ -67,8 +77,9 @@ class Bus:
                 "to": to,
                 "op": op,
                 "args": args or {},
+                "caller": caller,
                 "id": request_id,
-                "deadline": time.time() + timeout,
+                "deadline": trio.current_time() + timeout,
             }
         )
         pending = self._pending[request_id] = _Pending(to)

@@ -13,7 +13,7 @@ import attrs
 
 from actors.keys.actor import KeysActor
 from actors.keys.authz import KeyPrincipal
-from actors.keys.messages import Principal, ReloadPrincipals, to_wire
+from actors.keys.messages import Keys, Principal, ReloadPrincipals
 from actors.keys.pkcs11.uri import Pkcs11Uri
 from actors.keys.store import FileStore
 from actors.keys.token_client import TokenClient, TokenError
@@ -21,6 +21,7 @@ from api.http import ServiceApp
 from api.keyd import KeydApi
 from bus.bus import Bus
 from bus.faults import Faults
+from bus.protocol import Caller, Client
 from config.keyd import KeydConfig, load_keyd
 from config.loader import ConfigError, ServicePaths
 
@@ -122,8 +123,9 @@ def keyd_service(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[st
     async def reload(bus: Bus) -> None:
         fresh: KeydConfig = load_keyd(paths)
         principals = [Principal(p.uid, list(p.keys)) for p in fresh.principal]
-        op, args = to_wire(ReloadPrincipals(principals))
-        await bus.request("keys", op, args)
+        await Client(bus, Keys, Caller(service="keyd")).call(
+            Keys.reload_principals, ReloadPrincipals(principals)
+        )
 
     return Service(
         name="keyd",

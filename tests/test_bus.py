@@ -19,7 +19,7 @@ class Echo:
     def __init__(self) -> None:
         self.release = trio.Event()
 
-    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+    async def handle(self, op: str, args: dict[str, Any], caller: Any = None) -> Any:
         if op == "echo":
             return args
         if op == "fail":

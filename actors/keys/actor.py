@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
+from bus.protocol import NOTHING, Caller, Nothing, dispatcher
 
 from . import filecrypto
 from .authz import KeyAuthorizer, KeyPrincipal
@@ -31,21 +32,27 @@ from .handles import (
 )
 from .locations import FileLocation, Locator, TokenLocation
 from .messages import (
+    Ciphertext,
     CreateDerivedKey,
     CreateKey,
     CreateKeyPair,
     Decrypt,
     DeleteKey,
     DeleteKeyPair,
+    DerivedKeyBytes,
     Encrypt,
     ExportDerivedKey,
     GetParameter,
+    KeyHandle,
+    Keys,
     LoadKey,
     LoadKeyPair,
     MoveKeyPair,
+    Parameter,
+    Plaintext,
     ReloadPrincipals,
     Sign,
-    from_wire,
+    Signature,
 )
 from .store import FileStore
 from .token_client import TokenClient, TokenError
@@ -140,22 +147,7 @@ class KeysActor:
         self._sealer_lock = trio.Lock()
         # create-if-absent is check-then-write: one writer at a time keeps it honest.
         self._write_lock = trio.Lock()
-        self._handlers = {
-            CreateKey: self._create_key,
-            LoadKey: self._load_key,
-            CreateKeyPair: self._create_key_pair,
-            LoadKeyPair: self._load_key_pair,
-            MoveKeyPair: self._move_key_pair,
-            DeleteKey: self._delete_key,
-            DeleteKeyPair: self._delete_key_pair,
-            GetParameter: self._get_parameter,
-            CreateDerivedKey: self._create_derived_key,
-            ExportDerivedKey: self._export_derived_key,
-            Sign: self._sign,
-            Encrypt: self._encrypt,
-            Decrypt: self._decrypt,
-            ReloadPrincipals: self._reload_principals,
-        }
+        self._dispatch = dispatcher(Keys, self)
 
     async def start(self) -> None:
         """Sweep the key directory and get the handle-validation key ready.
@@ -169,15 +161,10 @@ class KeysActor:
         except (BusError, LibError, OSError) as error:
             log.error("the handle-validation key is not available yet: %s", error)
 
-    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+    async def handle(self, op: str, args: dict[str, Any], caller: list[Any] | None) -> Any:
+        """The bus entry: each operation of `Keys` is served by the method of its name."""
         try:
-            message = from_wire(op, args)
-        except KeyError:
-            raise invalid(f"unknown operation {op!r}") from None
-        except Exception as error:
-            raise invalid(f"malformed {op} request: {error}") from None
-        try:
-            return await self._handlers[type(message)](message)
+            return await self._dispatch(op, args, caller)
         except TokenError as error:
             raise error.for_client() from None
         except BusError as error:
@@ -352,8 +339,10 @@ class KeysActor:
 
         return use
 
-    def _authorize(self, uid: int, key_id: str) -> None:
-        if not self._authorizer.allows(uid, key_id):
+    def _authorize(self, caller: Caller, key_id: str) -> None:
+        """Clients by their principals; a service of this daemon asks for itself."""
+        uid = caller.uid
+        if uid is not None and not self._authorizer.allows(uid, key_id):
             raise unauthorized(f"user {uid} is not authorized to access the key {key_id}")
 
     # -- handles ---------------------------------------------------------------------------
@@ -361,8 +350,8 @@ class KeysActor:
     async def _open(self, handle: str) -> KeyRef:
         return await (await self._handle_sealer()).open(handle)
 
-    async def _seal(self, ref: KeyRef) -> dict[str, str]:
-        return {"handle": await (await self._handle_sealer()).seal(ref)}
+    async def _seal(self, ref: KeyRef) -> KeyHandle:
+        return KeyHandle(await (await self._handle_sealer()).seal(ref))
 
     async def _hmac_with(self, key_id: str, message: bytes) -> bytes:
         """HMAC-SHA256 with symmetric key `key_id`, by the token if it is there."""
@@ -378,16 +367,16 @@ class KeysActor:
 
     # -- operations ------------------------------------------------------------------------
 
-    async def _create_key(self, msg: CreateKey) -> dict[str, str]:
+    async def create_key(self, msg: CreateKey, caller: Caller) -> KeyHandle:
         check_id(msg.key_id)
-        self._authorize(msg.uid, msg.key_id)
+        self._authorize(caller, msg.key_id)
         async with self._write_lock:
             if msg.key_bytes is not None:
                 where = await self._store_secret(msg.key_id, msg.usage, msg.key_bytes)
-                log.info("imported symmetric key %s into %s (uid %d)", msg.key_id, where, msg.uid)
+                log.info("imported symmetric key %s into %s (%s)", msg.key_id, where, caller)
             elif await self._find_secret(msg.key_id, creating=True) is None:
                 where = await self._store_secret(msg.key_id, msg.usage, None)
-                log.info("created symmetric key %s in %s (uid %d)", msg.key_id, where, msg.uid)
+                log.info("created symmetric key %s in %s (%s)", msg.key_id, where, caller)
             if await self._find_secret(msg.key_id) is None:
                 raise external(f"key {msg.key_id} was created but cannot be found")
         return await self._seal(KeyRef("Key", msg.key_id))
@@ -419,15 +408,15 @@ class KeysActor:
             raise refused
         raise external(f"no location could take the symmetric key {key_id}")
 
-    async def _load_key(self, msg: LoadKey) -> dict[str, str]:
+    async def load_key(self, msg: LoadKey, caller: Caller) -> KeyHandle:
         check_id(msg.key_id)
-        self._authorize(msg.uid, msg.key_id)
+        self._authorize(caller, msg.key_id)
         await self._secret(msg.key_id)
         return await self._seal(KeyRef("Key", msg.key_id))
 
-    async def _create_key_pair(self, msg: CreateKeyPair) -> dict[str, str]:
+    async def create_key_pair(self, msg: CreateKeyPair, caller: Caller) -> KeyHandle:
         check_id(msg.key_id)
-        self._authorize(msg.uid, msg.key_id)
+        self._authorize(caller, msg.key_id)
         if msg.preferred_algorithms is not None:
             check_nul("preferred_algorithms", msg.preferred_algorithms)
         async with self._write_lock:
@@ -447,25 +436,25 @@ class KeysActor:
                         "generate_key_pair", where, algorithms=algorithms
                     )
                 log.info(
-                    "created %s key pair %s in %s (uid %d)",
+                    "created %s key pair %s in %s (%s)",
                     used,
                     msg.key_id,
                     where.describe(),
-                    msg.uid,
+                    caller,
                 )
         return await self._seal(KeyRef("KeyPair", msg.key_id))
 
-    async def _load_key_pair(self, msg: LoadKeyPair) -> dict[str, str]:
+    async def load_key_pair(self, msg: LoadKeyPair, caller: Caller) -> KeyHandle:
         check_id(msg.key_id)
-        self._authorize(msg.uid, msg.key_id)
+        self._authorize(caller, msg.key_id)
         await self._key_pair(msg.key_id)
         return await self._seal(KeyRef("KeyPair", msg.key_id))
 
-    async def _move_key_pair(self, msg: MoveKeyPair) -> None:
+    async def move_key_pair(self, msg: MoveKeyPair, caller: Caller) -> Nothing:
         check_id(msg.source)
         check_id(msg.destination)
-        self._authorize(msg.uid, msg.source)
-        self._authorize(msg.uid, msg.destination)
+        self._authorize(caller, msg.source)
+        self._authorize(caller, msg.destination)
         async with self._write_lock:
             try:
                 found = await self._find_key_pair(msg.source)
@@ -490,7 +479,8 @@ class KeysActor:
                 await self._need_token().move_key_pair(source, destination.label)
             else:
                 raise bad_parameter("cannot move a key pair between a file and a PKCS#11 token")
-        log.info("moved key pair %s to %s (uid %d)", msg.source, msg.destination, msg.uid)
+        log.info("moved key pair %s to %s (%s)", msg.source, msg.destination, caller)
+        return NOTHING
 
     async def _delete(self, handle: str, kind: str, noun: str) -> None:
         ref = await self._open(handle)
@@ -506,22 +496,24 @@ class KeysActor:
                     await self._need_token().call("delete", where, kind=token_kind)
         log.info("deleted %s %s", noun, ref.key_id)
 
-    async def _delete_key(self, msg: DeleteKey) -> None:
+    async def delete_key(self, msg: DeleteKey, caller: Caller) -> Nothing:
         await self._delete(msg.handle, "Key", "a key")
+        return NOTHING
 
-    async def _delete_key_pair(self, msg: DeleteKeyPair) -> None:
+    async def delete_key_pair(self, msg: DeleteKeyPair, caller: Caller) -> Nothing:
         await self._delete(msg.handle, "KeyPair", "a key pair")
+        return NOTHING
 
-    async def _get_parameter(self, msg: GetParameter) -> dict[str, Any]:
+    async def get_parameter(self, msg: GetParameter, caller: Caller) -> Parameter:
         sealer = await self._handle_sealer()
         ref = await sealer.base_of(await sealer.open(msg.handle))
         pair = await self._key_pair(ref.key_id, self._on_token("public_parameters"))
         if pair.token is not None:
-            return {"value": token_parameter(pair.result, msg.name)}
+            return Parameter(token_parameter(pair.result, msg.name))
         assert pair.key is not None
-        return {"value": filecrypto.public_parameter(pair.key, msg.name)}
+        return Parameter(filecrypto.public_parameter(pair.key, msg.name))
 
-    async def _create_derived_key(self, msg: CreateDerivedKey) -> dict[str, str]:
+    async def create_derived_key(self, msg: CreateDerivedKey, caller: Caller) -> KeyHandle:
         if (await self._open(msg.handle)).kind == "Derived":
             raise invalid_handle(
                 "nested derived keys are not supported, import the outer derived key first"
@@ -530,30 +522,30 @@ class KeysActor:
             KeyRef("Derived", base_handle=msg.handle, derivation_data=msg.derivation_data)
         )
 
-    async def _export_derived_key(self, msg: ExportDerivedKey) -> dict[str, bytes]:
+    async def export_derived_key(self, msg: ExportDerivedKey, caller: Caller) -> DerivedKeyBytes:
         ref = await self._open(msg.handle)
         if ref.kind != "Derived":
             raise invalid_handle("handle is not for a derived key")
-        return {"key": await self._derived_key(ref)}
+        return DerivedKeyBytes(await self._derived_key(ref))
 
-    async def _sign(self, msg: Sign) -> dict[str, bytes]:
+    async def sign(self, msg: Sign, caller: Caller) -> Signature:
         ref = await self._open(msg.handle)
         if ref.kind == "KeyPair" and msg.algorithm == "ECDSA":
             pair = await self._key_pair(ref.key_id, self._on_token("sign_ecdsa", digest=msg.data))
             if pair.token is not None:
-                return {"signature": pair.result}
+                return Signature(pair.result)
             if not isinstance(pair.key, filecrypto.ec.EllipticCurvePrivateKey):
                 raise bad_parameter(f"ECDSA asked of the non-EC key pair {ref.key_id}")
-            return {"signature": filecrypto.ecdsa_sign(pair.key, msg.data)}
+            return Signature(filecrypto.ecdsa_sign(pair.key, msg.data))
         if ref.kind == "Key" and msg.algorithm == "HMAC-SHA256":
-            return {"signature": await self._hmac_with(ref.key_id, msg.data)}
+            return Signature(await self._hmac_with(ref.key_id, msg.data))
         if ref.kind == "Derived" and msg.algorithm == "HMAC-SHA256":
             key = await self._derived_key(ref)
             signature = await filecrypto.sized(len(msg.data), filecrypto.hmac_sha256, key, msg.data)
-            return {"signature": signature}
+            return Signature(signature)
         raise mechanism_error()
 
-    async def _encrypt(self, msg: Encrypt) -> dict[str, bytes]:
+    async def encrypt(self, msg: Encrypt, caller: Caller) -> Ciphertext:
         ref = await self._open(msg.handle)
         if ref.kind in ("Key", "Derived") and msg.algorithm == "AEAD":
             if ref.kind == "Derived":
@@ -564,28 +556,28 @@ class KeysActor:
                 )
                 secret = await self._secret(ref.key_id, use)
                 if secret.token is not None:
-                    return {"ciphertext": b"\x02" + secret.result}
+                    return Ciphertext(b"\x02" + secret.result)
                 key = secret.data
             size = len(msg.plaintext) + len(msg.aad)
             sealed = await filecrypto.sized(
                 size, filecrypto.aead_encrypt, key, msg.iv, msg.aad, msg.plaintext
             )
-            return {"ciphertext": sealed}
+            return Ciphertext(sealed)
         if ref.kind == "KeyPair" and msg.algorithm in ("RSA-PKCS1", "RSA-NO-PADDING"):
             padding = "pkcs1" if msg.algorithm == "RSA-PKCS1" else "none"
             use = self._on_token("rsa_private", data=msg.plaintext, padding=padding)
             pair = await self._key_pair(ref.key_id, use)
             if pair.token is not None:
-                return {"ciphertext": pair.result}
+                return Ciphertext(pair.result)
             assert pair.key is not None
             # Milliseconds of OpenSSL for RSA-4096: always off the loop.
             out = await filecrypto.in_worker(
                 filecrypto.rsa_private_encrypt, pair.key, msg.plaintext, msg.algorithm
             )
-            return {"ciphertext": out}
+            return Ciphertext(out)
         raise mechanism_error()
 
-    async def _decrypt(self, msg: Decrypt) -> dict[str, bytes]:
+    async def decrypt(self, msg: Decrypt, caller: Caller) -> Plaintext:
         ref = await self._open(msg.handle)
         if ref.kind not in ("Key", "Derived") or msg.algorithm != "AEAD":
             raise mechanism_error()
@@ -609,14 +601,15 @@ class KeysActor:
 
             secret = await self._secret(ref.key_id, use)
             if secret.token is not None:
-                return {"plaintext": secret.result}
+                return Plaintext(secret.result)
             key = secret.data
         size = len(msg.ciphertext) + len(msg.aad)
         opened = await filecrypto.sized(
             size, filecrypto.aead_decrypt, key, msg.iv, msg.aad, msg.ciphertext
         )
-        return {"plaintext": opened}
+        return Plaintext(opened)
 
-    async def _reload_principals(self, msg: ReloadPrincipals) -> None:
+    async def reload_principals(self, msg: ReloadPrincipals, caller: Caller) -> Nothing:
         self._authorizer = KeyAuthorizer(KeyPrincipal(p.uid, p.keys) for p in msg.principals)
         log.info("principals reloaded: %d entries", len(msg.principals))
+        return NOTHING

@@ -1,18 +1,17 @@
-"""The requests the keys actor serves, as typed messages (attrs in code, maps on the bus)."""
+"""The keys actor's protocol: its requests, their replies, and one declaration per operation.
+
+Who asks travels in the bus envelope (`bus.protocol.Caller`), not in these messages.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
-import cattrs
 
-converter = cattrs.Converter()
+from bus.protocol import Nothing, Operation, Protocol
 
 
 @attrs.frozen
 class CreateKey:
-    uid: int
     key_id: str
     usage: list[str]
     key_bytes: bytes | None = None
@@ -20,26 +19,22 @@ class CreateKey:
 
 @attrs.frozen
 class LoadKey:
-    uid: int
     key_id: str
 
 
 @attrs.frozen
 class CreateKeyPair:
-    uid: int
     key_id: str
     preferred_algorithms: str | None = None
 
 
 @attrs.frozen
 class LoadKeyPair:
-    uid: int
     key_id: str
 
 
 @attrs.frozen
 class MoveKeyPair:
-    uid: int
     source: str
     destination: str
 
@@ -107,32 +102,54 @@ class ReloadPrincipals:
     principals: list[Principal]
 
 
-OPS: dict[str, type] = {
-    "create_key": CreateKey,
-    "load_key": LoadKey,
-    "create_key_pair": CreateKeyPair,
-    "load_key_pair": LoadKeyPair,
-    "move_key_pair": MoveKeyPair,
-    "delete_key": DeleteKey,
-    "delete_key_pair": DeleteKeyPair,
-    "get_parameter": GetParameter,
-    "create_derived_key": CreateDerivedKey,
-    "export_derived_key": ExportDerivedKey,
-    "sign": Sign,
-    "encrypt": Encrypt,
-    "decrypt": Decrypt,
-    "reload_principals": ReloadPrincipals,
-}
-OP_NAMES: dict[type, str] = {cls: name for name, cls in OPS.items()}
+# -- replies ---------------------------------------------------------------------------------
 
 
-def to_wire(message: Any) -> tuple[str, dict[str, Any]]:
-    """The bus operation name and argument map for `message`."""
-    return OP_NAMES[type(message)], converter.unstructure(message)
+@attrs.frozen
+class KeyHandle:
+    handle: str
 
 
-def from_wire(op: str, args: dict[str, Any]) -> Any:
-    cls = OPS.get(op)
-    if cls is None:
-        raise KeyError(op)
-    return converter.structure(args, cls)
+@attrs.frozen
+class Parameter:
+    value: bytes | str  # bytes for binary parameters, text for names such as the algorithm
+
+
+@attrs.frozen
+class DerivedKeyBytes:
+    key: bytes
+
+
+@attrs.frozen
+class Signature:
+    signature: bytes
+
+
+@attrs.frozen
+class Ciphertext:
+    ciphertext: bytes
+
+
+@attrs.frozen
+class Plaintext:
+    plaintext: bytes
+
+
+class Keys(Protocol):
+    """The keys actor's operations; `KeysActor` has a method of each name."""
+
+    actor = "keys"
+    create_key = Operation(CreateKey, KeyHandle)
+    load_key = Operation(LoadKey, KeyHandle)
+    create_key_pair = Operation(CreateKeyPair, KeyHandle)
+    load_key_pair = Operation(LoadKeyPair, KeyHandle)
+    move_key_pair = Operation(MoveKeyPair, Nothing)
+    delete_key = Operation(DeleteKey, Nothing)
+    delete_key_pair = Operation(DeleteKeyPair, Nothing)
+    get_parameter = Operation(GetParameter, Parameter)
+    create_derived_key = Operation(CreateDerivedKey, KeyHandle)
+    export_derived_key = Operation(ExportDerivedKey, DerivedKeyBytes)
+    sign = Operation(Sign, Signature)
+    encrypt = Operation(Encrypt, Ciphertext)
+    decrypt = Operation(Decrypt, Plaintext)
+    reload_principals = Operation(ReloadPrincipals, Nothing)

@@ -136,7 +136,7 @@ class Pkcs11Worker:
     def __init__(self, thread: TokenThread) -> None:
         self._thread = thread
 
-    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+    async def handle(self, op: str, args: dict[str, Any], caller: Any = None) -> Any:
         if op not in OPERATIONS:
             raise BusError(ErrorKind.INVALID, f"unknown PKCS#11 operation {op!r}")
         busy_since = self._thread.busy_since
