@@ -18,6 +18,27 @@ Errors (all subclasses of :class:`Pkcs11Error`):
   mechanism name (``CKM_…``) is in the message and in ``.mechanism``.
 * :class:`Pkcs11Error` itself – anything else the token reports; ``.ckr`` carries the token's
   own return code name (``CKR_…``) so operators see the real cause (lessons.md row 2).
+
+Crash safety. A token is a store like a disk, and SoftHSM's is not atomic: each object is a file
+that SoftHSM rewrites in place (``ftruncate`` to 0, then one ``write``) on every attribute change,
+and an object being created is rewritten once per default attribute, gets its label, and only then
+its key value. A SIGKILL can so leave an empty file (the object is gone: a relabelled key is
+lost), a key under its label without its value (found, but every use fails), or, inside
+``C_CopyObject``, a duplicate under the source's label. So no write here changes an object that
+must survive, and a key only appears under its label complete:
+
+1. *stage*: the new objects are made (generated, imported or copied from a move's source) under a
+   pending label that no key id can have (it starts with NUL), with a fresh ``CKA_ID``;
+2. *commit*: each staged object is copied to the key's label, public half first, so the copy of
+   the private or secret key is the instant the write takes effect (a copy is complete when it
+   appears under its new label);
+3. *finish*: what the write replaces (the old key, a move's source) is destroyed, then the staged
+   objects. Destruction is an ``unlink``: atomic.
+
+:meth:`Pkcs11Library.reconcile` runs when a token is first opened logged in: a staged write whose
+commit copy exists is finished, any other is undone, duplicates left by a copy and our keys left
+are removed; each repair is logged. (SoftHSM's own skeletons of a creation it had not finished,
+objects with its default empty label and id, carry nothing of ours and stay.)
 """
 
 from __future__ import annotations
@@ -368,6 +389,11 @@ class Pkcs11Library:
         self._mechanisms: dict[int, frozenset[int] | None] = {}
         # Rejected PINs by slot: trying one again on every request would lock the token.
         self._rejected_pins: dict[int, tuple[str, str]] = {}
+        # Slots whose leftovers of interrupted writes were reconciled (once, at first login).
+        self._reconciled: set[int] = set()
+        # Called with a step name between the token writes of one key write; tests stop a
+        # write there, as a kill would.
+        self.on_step: Callable[[str], None] | None = None
         log.info(
             "loaded PKCS#11 library %s (%s, %s)",
             lib_path,
@@ -510,6 +536,13 @@ class Pkcs11Library:
             lambda st: self._move_key_pair(st, from_label, to_label),
             mutates=True,
         )
+
+    def reconcile(self, uri: Pkcs11Uri) -> list[str]:
+        """Bring what interrupted writes left on the token to one state each; say what was done.
+
+        Run by itself when the token is first opened with its PIN; callable again (tests).
+        """
+        return self._run(uri, "reconciling interrupted writes", self._reconcile, mutates=True)
 
     # ----------------------------------------------------------------------------------------
     # Cryptographic operations
@@ -692,6 +725,16 @@ class Pkcs11Library:
         self._sessions[slot_id] = state
         self._remember_token_label(uri, slot_id)
         log.info("opened a session on %s (%s)", where, "logged in" if logged_in else "no PIN")
+        if logged_in and slot_id not in self._reconciled:
+            self._reconciled.add(slot_id)
+            try:
+                self._reconcile(state)
+            except pkcs11.PKCS11Error as exc:
+                log.error(
+                    "could not reconcile interrupted writes on %s: %s",
+                    state.describe(),
+                    _describe_error(exc),
+                )
         return state
 
     def _remember_token_label(self, uri: Pkcs11Uri, slot_id: int) -> None:
@@ -945,14 +988,16 @@ class Pkcs11Library:
             if state.mechanisms is not None and int(spec.generator) not in state.mechanisms:
                 failures.append(f"{algorithm}: token lacks {mechanism_name(spec.generator)}")
                 continue
+
+            def stage(pending: str, key_id: bytes, spec: _PairSpec = spec) -> None:
+                self._generate_pair_objects(state, pending, key_id, spec)
+
             try:
-                self._generate_pair_objects(state, label, spec)
+                self._write(state, "pair", label, stage)
             except _RECONNECT_ERRORS:
                 raise
             except pkcs11.PKCS11Error as exc:
                 failures.append(f"{algorithm}: {_describe_error(exc)}")
-                # Tokens should not leave half a pair behind on failure, but some do.
-                self._destroy_objects(self._pair_objects(state, label))
                 continue
             log.info("generated %s key pair %r on %s", algorithm, label, state.describe())
             return cast(KeyPairAlgorithm, algorithm)
@@ -962,8 +1007,9 @@ class Pkcs11Library:
         )
 
     @staticmethod
-    def _generate_pair_objects(state: _SlotState, label: str, spec: _PairSpec) -> None:
-        key_id = secrets.token_bytes(16)
+    def _generate_pair_objects(
+        state: _SlotState, label: str, key_id: bytes, spec: _PairSpec
+    ) -> None:
         is_rsa = spec.key_type == KeyType.RSA
         public: dict[Attribute, Any] = {
             Attribute.TOKEN: True,
@@ -1001,13 +1047,15 @@ class Pkcs11Library:
         )
 
     @staticmethod
-    def _secret_template(kind: Literal["hmac", "aes"], label: str) -> dict[Attribute, Any]:
+    def _secret_template(
+        kind: Literal["hmac", "aes"], label: str, key_id: bytes
+    ) -> dict[Attribute, Any]:
         hmac = kind == "hmac"
         return {
             Attribute.CLASS: ObjectClass.SECRET_KEY,
             Attribute.KEY_TYPE: KeyType.GENERIC_SECRET if hmac else KeyType.AES,
             Attribute.LABEL: label,
-            Attribute.ID: secrets.token_bytes(16),
+            Attribute.ID: key_id,
             Attribute.TOKEN: True,
             Attribute.PRIVATE: True,
             Attribute.SENSITIVE: True,
@@ -1025,49 +1073,62 @@ class Pkcs11Library:
     def _generate_secret(self, state: _SlotState, label: str, kind: Literal["hmac", "aes"]) -> str:
         if self._find_one(state, ObjectClass.SECRET_KEY, label) is not None:
             raise KeyExists(f"secret key {label!r} already exists on {state.describe()}")
-        template = self._secret_template(kind, label)
         if kind == "hmac":
             self._require(state, Mechanism.SHA256_HMAC, "an HMAC key")
             self._require(state, Mechanism.GENERIC_SECRET_KEY_GEN, "generating an HMAC key")
-            template[Attribute.VALUE_LEN] = 32
-            state.session.generate_key(
-                KeyType.GENERIC_SECRET,
-                256,
-                label=label,
-                store=True,
-                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-                mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
-                template=template,
-            )
+
+            def stage_hmac(pending: str, key_id: bytes) -> None:
+                template = self._secret_template(kind, pending, key_id)
+                template[Attribute.VALUE_LEN] = 32
+                state.session.generate_key(
+                    KeyType.GENERIC_SECRET,
+                    256,
+                    label=pending,
+                    id=key_id,
+                    store=True,
+                    capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                    mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                    template=template,
+                )
+
+            self._write(state, "secret", label, stage_hmac)
             log.info("generated HMAC key %r on %s", label, state.describe())
             return "hmac-256"
 
         self._require(state, Mechanism.AES_GCM, "an AES key")
         self._require(state, Mechanism.AES_KEY_GEN, "generating an AES key")
-        try:
-            bits, key = 256, self._generate_aes(state, label, template, 256)
-        except _RECONNECT_ERRORS:
-            raise
-        except pkcs11.PKCS11Error as exc:
-            log.info(
-                "%s refused an AES-256 key (%s); trying AES-128",
-                state.describe(),
-                _describe_error(exc),
-            )
-            bits, key = 128, self._generate_aes(state, label, template, 128)
-        self._check_aes_gcm(state, label, key)
+        bits = 256
+
+        def stage_aes(pending: str, key_id: bytes) -> None:
+            nonlocal bits
+            template = self._secret_template(kind, pending, key_id)
+            try:
+                key = self._generate_aes(state, pending, key_id, template, 256)
+            except _RECONNECT_ERRORS:
+                raise
+            except pkcs11.PKCS11Error as exc:
+                log.info(
+                    "%s refused an AES-256 key (%s); trying AES-128",
+                    state.describe(),
+                    _describe_error(exc),
+                )
+                bits, key = 128, self._generate_aes(state, pending, key_id, template, 128)
+            self._check_aes_gcm(state, label, key)
+
+        self._write(state, "secret", label, stage_aes)
         log.info("generated AES-%d key %r on %s", bits, label, state.describe())
         return f"aes-{bits}"
 
     @staticmethod
     def _generate_aes(
-        state: _SlotState, label: str, template: dict[Attribute, Any], bits: int
+        state: _SlotState, label: str, key_id: bytes, template: dict[Attribute, Any], bits: int
     ) -> Any:
         template = {**template, Attribute.VALUE_LEN: bits // 8}
         return state.session.generate_key(
             KeyType.AES,
             bits,
             label=label,
+            id=key_id,
             store=True,
             capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
             mechanism=Mechanism.AES_KEY_GEN,
@@ -1081,12 +1142,15 @@ class Pkcs11Library:
             self._require(state, Mechanism.SHA256_HMAC, "an HMAC key")
         else:
             self._require(state, Mechanism.AES_GCM, "an AES key")
-        template = self._secret_template(kind, label)
-        template[Attribute.VALUE] = key_bytes
-        key = state.session.create_object(template)
-        if kind == "aes":
-            self._check_aes_gcm(state, label, key)
-        replaced = self._destroy(state, [ObjectClass.SECRET_KEY], label, keep=key.handle)
+
+        def stage(pending: str, key_id: bytes) -> None:
+            template = self._secret_template(kind, pending, key_id)
+            template[Attribute.VALUE] = key_bytes
+            key = state.session.create_object(template)
+            if kind == "aes":
+                self._check_aes_gcm(state, label, key)
+
+        replaced = self._write(state, "secret", label, stage)
         log.info(
             "imported %s key %r on %s (replaced %d old object(s))",
             kind,
@@ -1115,9 +1179,14 @@ class Pkcs11Library:
     def _move_key_pair(self, state: _SlotState, from_label: str, to_label: str) -> None:
         self._private_key(state, from_label)  # refuse before touching the destination
         sources = self._pair_objects(state, from_label)
-        replaced = self._destroy_objects(self._pair_objects(state, to_label))
-        for obj in sources:
-            obj[Attribute.LABEL] = to_label
+        sources.sort(key=lambda obj: obj[Attribute.CLASS] == ObjectClass.PRIVATE_KEY)
+
+        def stage(pending: str, key_id: bytes) -> None:
+            for obj in sources:  # the public half first, as in a commit
+                obj.copy({Attribute.LABEL: pending, Attribute.ID: key_id})
+                self._step("move: staged a copy of a source object")
+
+        replaced = self._write(state, "move", to_label, stage, source=from_label)
         log.info(
             "moved key pair %r to %r on %s (replaced %d object(s))",
             from_label,
@@ -1125,6 +1194,144 @@ class Pkcs11Library:
             state.describe(),
             replaced,
         )
+
+    # ----------------------------------------------------------------------------------------
+    # Crash-safe writes (see the module doc)
+
+    def _step(self, name: str) -> None:
+        if self.on_step is not None:
+            self.on_step(name)
+
+    def _write(
+        self,
+        state: _SlotState,
+        kind: _WriteKind,
+        label: str,
+        stage: Callable[[str, bytes], None],
+        *,
+        source: str = "",
+    ) -> int:
+        """Stage with `stage(pending_label, key_id)`, commit, finish; return how many objects
+        the write replaced. On an error nothing of the write stays (best effort)."""
+        pending = _pending_label(kind, label, source)
+        key_id = secrets.token_bytes(16)
+        try:
+            stage(pending, key_id)
+            self._step(f"{kind}: staged")
+            staged = self._find_by(state, label=pending, key_id=key_id)
+            # The private (or secret) key last: its copy is the commit point.
+            staged.sort(key=lambda obj: obj[Attribute.CLASS] != ObjectClass.PUBLIC_KEY)
+            for obj in staged:
+                obj.copy({Attribute.LABEL: label})
+                self._step(f"{kind}: committed a copy")
+        except Exception:
+            try:
+                self._undo(state, pending, label, key_id)
+            except pkcs11.PKCS11Error as exc:
+                log.warning(
+                    "could not undo the failed write of %r: %s (the next start will)",
+                    label,
+                    _describe_error(exc),
+                )
+            raise
+        return self._finish(state, kind, label, source, pending, key_id)
+
+    def _finish(
+        self,
+        state: _SlotState,
+        kind: _WriteKind,
+        label: str,
+        source: str,
+        pending: str,
+        key_id: bytes,
+    ) -> int:
+        """The write is committed: destroy what it replaces, its source, then its staging."""
+        if kind == "secret":
+            old = self._find_by(state, label=label, cls=ObjectClass.SECRET_KEY)
+        else:
+            old = self._pair_objects(state, label)
+        replaced = self._destroy_objects([o for o in old if _object_id(o) != key_id])
+        self._step(f"{kind}: destroyed what it replaces")
+        if kind == "move":
+            self._destroy_objects(
+                [o for o in self._pair_objects(state, source) if _object_id(o) != key_id]
+            )
+            self._step(f"{kind}: destroyed the source")
+        self._destroy_objects(self._find_by(state, label=pending, key_id=key_id))
+        return replaced
+
+    def _undo(self, state: _SlotState, pending: str, label: str, key_id: bytes) -> int:
+        """The write did not commit: destroy its staging and any public half already copied."""
+        return self._destroy_objects(
+            self._find_by(state, label=label, key_id=key_id)
+            + self._find_by(state, label=pending, key_id=key_id)
+        )
+
+    @staticmethod
+    def _find_by(
+        state: _SlotState,
+        *,
+        label: str | None = None,
+        key_id: bytes | None = None,
+        cls: ObjectClass | None = None,
+    ) -> list[Any]:
+        template: dict[Attribute, Any] = {}
+        if label is not None:
+            template[Attribute.LABEL] = label
+        if key_id is not None:
+            template[Attribute.ID] = key_id
+        classes = [cls] if cls is not None else list(_KEY_CLASSES)
+        found: list[Any] = []
+        for each in classes:
+            found += state.session.get_objects({**template, Attribute.CLASS: each})
+        return found
+
+    def _reconcile(self, state: _SlotState) -> list[str]:
+        repairs: list[str] = []
+        # 1. Staged writes: finished if their commit copy exists, else undone.
+        groups: dict[tuple[str, bytes], int] = {}
+        for obj in self._find_by(state):
+            label = obj[Attribute.LABEL]
+            if label.startswith(_PENDING):
+                groups[(label, _object_id(obj))] = groups.get((label, _object_id(obj)), 0) + 1
+        for (pending, key_id), count in sorted(groups.items()):
+            parsed = _parse_pending(pending)
+            if parsed is None:
+                self._destroy_objects(self._find_by(state, label=pending, key_id=key_id))
+                repairs.append(f"removed {count} staged object(s) of an unknown write")
+                continue
+            kind, label, source = parsed
+            commit_cls = ObjectClass.SECRET_KEY if kind == "secret" else ObjectClass.PRIVATE_KEY
+            what = f"{_KIND_NAMES[kind]} {label!r}" + (f" from {source!r}" * (kind == "move"))
+            if self._find_by(state, label=label, key_id=key_id, cls=commit_cls):
+                replaced = self._finish(state, kind, label, source, pending, key_id)
+                repairs.append(
+                    f"finished the interrupted {what}: it had committed "
+                    f"({replaced} replaced object(s) and the staged copies removed)"
+                )
+            else:
+                removed = self._undo(state, pending, label, key_id)
+                repairs.append(
+                    f"undid the interrupted {what}: it had not committed "
+                    f"({removed} staged object(s) removed, the old key kept)"
+                )
+        # 2. Duplicates a C_CopyObject cut short leaves under the source's own label.
+        seen: set[tuple[int, str, bytes]] = set()
+        for obj in self._find_by(state):
+            key_id = _object_id(obj)
+            if len(key_id) != len(_OUR_ID):
+                continue  # only ids we made are unique per key; others may be shared on purpose
+            identity = (int(obj[Attribute.CLASS]), obj[Attribute.LABEL], key_id)
+            if identity in seen:
+                obj.destroy()
+                repairs.append(
+                    f"removed a duplicate {ObjectClass(identity[0]).name} {identity[1]!r} "
+                    "left by an interrupted copy"
+                )
+            seen.add(identity)
+        for repair in repairs:
+            log.warning("%s: repaired: %s", state.describe(), repair)
+        return repairs
 
     # ----------------------------------------------------------------------------------------
     # Operations
@@ -1220,6 +1427,32 @@ def _forgetting_objects(op: Callable[[_SlotState], T]) -> Callable[[_SlotState],
             state.forget_objects()
 
     return run
+
+
+_WriteKind = Literal["pair", "secret", "move"]
+_KIND_NAMES = {"pair": "creation of key pair", "secret": "write of secret key", "move": "move to"}
+_KEY_CLASSES = (ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY)
+# Labels of staged objects. A key id cannot contain NUL (keyd refuses it), so none names one.
+_PENDING = "\x00aziot-pending\x00"
+_OUR_ID = bytes(16)  # the length of the CKA_ID keyd gives every key it makes
+
+
+def _pending_label(kind: _WriteKind, label: str, source: str) -> str:
+    return f"{_PENDING}{kind}\x00{label}\x00{source}"
+
+
+def _parse_pending(pending: str) -> tuple[_WriteKind, str, str] | None:
+    parts = pending[len(_PENDING) :].split("\x00")
+    if len(parts) != 3 or parts[0] not in _KIND_NAMES or not parts[1]:
+        return None
+    return cast(_WriteKind, parts[0]), parts[1], parts[2]
+
+
+def _object_id(obj: Any) -> bytes:
+    try:
+        return bytes(obj[Attribute.ID])
+    except pkcs11.PKCS11Error:
+        return b""
 
 
 def _pin_digest(pin: str) -> str:
