@@ -23,20 +23,12 @@ from config.loader import ConfigError
 from . import systemd
 from .services import Service, configured_services
 from .supervise import RestartLimitExceeded, RestartPolicy, supervise
+from .version import package_version
 
 log = logging.getLogger("aziotd")
 
 EXIT_CONFIG = 78  # EX_CONFIG: systemd shows it as a configuration problem
 EXIT_CRASHED = 70  # EX_SOFTWARE
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version  # 30 ms: only when asked
-
-    try:
-        return version("aziot-py")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

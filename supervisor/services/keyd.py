@@ -1,15 +1,10 @@
-"""What it takes to run each service: its config, its actors and its HTTP app."""
+"""keyd, the Keys Service: its config, its actors (keys, and pkcs11 when a token is set), its
+routes and its reload."""
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
-
-import attrs
 
 from actors.keys.actor import KeysActor
 from actors.keys.authz import KeyPrincipal
@@ -17,47 +12,18 @@ from actors.keys.messages import Keys, Principal, ReloadPrincipals
 from actors.keys.pkcs11.uri import Pkcs11Uri
 from actors.keys.store import FileStore
 from actors.keys.token_client import TokenClient, TokenError
-from api.http import ServiceApp
 from api.keyd import KeydApi
 from bus.bus import Bus
 from bus.faults import Faults
 from bus.protocol import Caller, Client
 from config.keyd import KeydConfig, load_keyd
-from config.loader import ConfigError, ServicePaths
+from config.loader import ServicePaths
+
+from .service import ActorSpec, Service, socket_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET_DIR = "/run/aziot"
 PROBE_TIMEOUT = 5.0  # a token that hangs at start delays readiness by this much, no more
-
-
-def socket_path(service: str, endpoint: str | None, environ: dict[str, str]) -> Path:
-    """`[endpoints]` in the config, else $AZIOT_SOCKET_DIR/<service>.sock, else /run/aziot."""
-    if endpoint:
-        uri = urlsplit(endpoint)
-        if uri.scheme != "unix":
-            raise ConfigError(f"endpoint {endpoint!r}: only unix:// endpoints can be served")
-        return Path(unquote(uri.path))
-    return Path(environ.get("AZIOT_SOCKET_DIR", DEFAULT_SOCKET_DIR)) / f"{service}.sock"
-
-
-@attrs.define
-class ActorSpec:
-    name: str
-    start: Callable[[], Awaitable[Any]]
-
-
-@attrs.define
-class Service:
-    """A configured service, ready to be started by the supervisor."""
-
-    name: str
-    paths: ServicePaths
-    socket: Path
-    max_connections: int
-    actors: list[ActorSpec]
-    app: ServiceApp
-    reload: Callable[[Bus], Awaitable[None]]
 
 
 def token_uris(config: KeydConfig) -> list[str]:
@@ -90,7 +56,7 @@ async def probe_tokens(token: TokenClient, uris: list[str]) -> None:
         )
 
 
-def keyd_service(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, str]) -> Service:
+def keyd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, str]) -> Service:
     config = load_keyd(paths)
     lib_path = config.aziot_keys.get("pkcs11_lib_path")
     token = TokenClient(bus) if lib_path else None
@@ -137,21 +103,3 @@ def keyd_service(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[st
         app=KeydApi(bus).app(),
         reload=reload,
     )
-
-
-BUILDERS = {"keyd": keyd_service}
-
-
-def configured_services(
-    bus: Bus, faults: Faults, environ: dict[str, str] | None = None
-) -> list[Service]:
-    """Every service whose config file exists; the others are not started."""
-    environ = dict(os.environ) if environ is None else environ
-    services = []
-    for name, build in BUILDERS.items():
-        paths = ServicePaths.from_env(name, environ)
-        if not paths.config_file.is_file():
-            log.info("%s: no config at %s; not starting it", name, paths.config_file)
-            continue
-        services.append(build(paths, bus, faults, environ))
-    return services

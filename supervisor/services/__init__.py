@@ -1,0 +1,40 @@
+"""The services aziotd can run, one declaration each, in start order.
+
+Adding a service is its folders (`actors/<name>/`, `api/<name>d.py`, `config/<name>d.py`), its
+declaration here beside keyd's, and one line in `SERVICES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from bus.bus import Bus
+from bus.faults import Faults
+from config.loader import ServicePaths
+
+from .keyd import keyd
+from .service import ActorSpec, Builder, Service, socket_path
+
+__all__ = ["SERVICES", "ActorSpec", "Service", "configured_services", "socket_path"]
+
+log = logging.getLogger(__name__)
+
+SERVICES: dict[str, Builder] = {
+    "keyd": keyd,
+}
+
+
+def configured_services(
+    bus: Bus, faults: Faults, environ: dict[str, str] | None = None
+) -> list[Service]:
+    """Every service whose config file exists; the others are not started."""
+    environ = dict(os.environ) if environ is None else environ
+    services = []
+    for name, build in SERVICES.items():
+        paths = ServicePaths.from_env(name, environ)
+        if not paths.config_file.is_file():
+            log.info("%s: no config at %s; not starting it", name, paths.config_file)
+            continue
+        services.append(build(paths, bus, faults, environ))
+    return services
