@@ -32,6 +32,8 @@ from actors.keys.store import key_file_name
 from tests.daemon import Keyd
 from tests.softhsm import SoftHsmToken
 
+# Writes acknowledged in each cycle before its kill may come.
+MIN_WRITES = 2
 # Widen the windows between writing, syncing and renaming, so kills land inside them.
 FAULTS = "store.fsync=delay=0.003@0.5;store.write=delay=0.002@0.3;pkcs11.call=delay=0.002@0.3"
 
@@ -378,6 +380,14 @@ def run_cycle(keyd: Keyd, model: Model, rng: random.Random, max_wait: float) -> 
     stream = WriteStream(keyd, model, rng)
     client = threading.Thread(target=stream.run, name="crash-client")
     client.start()
+    # The kill comes at a random moment after the cycle's first writes were acknowledged, so
+    # that how much a run exercises does not depend on the machine's speed or load.
+    started = model.acknowledged
+    deadline = time.monotonic() + 30
+    while model.acknowledged < started + MIN_WRITES and client.is_alive():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
     time.sleep(rng.uniform(0.01, max_wait))
     assert keyd.process is not None
     os.kill(keyd.process.pid, signal.SIGKILL)
