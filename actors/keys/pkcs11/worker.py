@@ -8,19 +8,15 @@ with `timeout`, and the keys actor keeps serving file keys.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import attrs
-import trio
 
 from bus.errors import BusError, ErrorKind
 from bus.faults import Faults
+from bus.library_thread import LibraryThread
 
 from .token import (
     InvalidParameter,
@@ -53,7 +49,6 @@ OPERATIONS = frozenset(
         "rsa_private",
     }
 )
-_STOP = object()
 # A call running this long means the token hangs: later calls fail at once instead of queueing
 # behind it, so callers with somewhere else to look (file keys) are not held up.
 HUNG_AFTER = 5.0
@@ -87,47 +82,15 @@ def to_bus_error(error: Exception) -> BusError:
     return BusError(ErrorKind.INTERNAL, str(error), code)
 
 
-class TokenThread:
-    """A thread that owns one `Pkcs11Library` and runs jobs one at a time.
-
-    It outlives restarts of the actor in front of it: a second thread on the same library
-    would be exactly the unsafe sharing this design avoids.
-    """
+class TokenThread(LibraryThread[Pkcs11Library]):
+    """The one thread that owns the PKCS#11 library (see `bus.library_thread`)."""
 
     def __init__(self, lib_path: str, faults: Faults) -> None:
-        self._lib_path = lib_path
-        self._faults = faults
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="pkcs11-worker", daemon=True)
-        self._library: Pkcs11Library | None = None
-        self._load_error: Exception | None = None
-        self.busy_since: float | None = None  # monotonic start of the running job
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._library = Pkcs11Library(self._lib_path)
-        except Exception as error:  # reported to every caller, the daemon keeps running
-            self._load_error = error
-            log.error("%s; keys on the token are unavailable, file keys keep working", error)
-        while (job := self._jobs.get()) is not _STOP:
-            call, deliver = job
-            self.busy_since = time.monotonic()
-            try:
-                self._faults.hit_blocking("pkcs11.call")
-                if self._library is None:
-                    raise self._load_error or TokenUnavailable("PKCS#11 library not loaded")
-                outcome: tuple[bool, Any] = (True, call(self._library))
-            except Exception as error:
-                outcome = (False, error)
-            self.busy_since = None
-            deliver(outcome)
-
-    def submit(self, call: Callable[[Pkcs11Library], Any], deliver: Callable[[Any], None]) -> None:
-        self._jobs.put((call, deliver))
-
-    def stop(self) -> None:
-        self._jobs.put(_STOP)
+        super().__init__(
+            "pkcs11-worker",
+            lambda: Pkcs11Library(lib_path),
+            before_job=lambda: faults.hit_blocking("pkcs11.call"),
+        )
 
 
 class Pkcs11Worker:
@@ -151,21 +114,13 @@ class Pkcs11Worker:
             uri = Pkcs11Uri.parse(args.pop("uri"))
         except (KeyError, ValueError) as error:
             raise BusError(ErrorKind.INVALID, f"bad PKCS#11 URI: {error}") from None
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        box: list[tuple[bool, Any]] = []
-
-        def deliver(outcome: tuple[bool, Any]) -> None:
-            box.append(outcome)
-            with contextlib.suppress(trio.RunFinishedError):  # stopped while the token was busy
-                token.run_sync_soon(done.set)
-
-        self._thread.submit(lambda library: getattr(library, op)(uri, **args), deliver)
-        await done.wait()  # the actor loop cancels this at the request's deadline
-        ok, value = box[0]
-        if ok:
-            return _wire(value)
-        raise to_bus_error(value)
+        try:
+            # The actor loop cancels this at the request's deadline; a job still queued then
+            # is skipped, so a token that was slow does not later make writes nobody awaits.
+            value = await self._thread.run(lambda library: getattr(library, op)(uri, **args))
+        except Exception as error:
+            raise to_bus_error(error) from None
+        return _wire(value)
 
     def stop(self) -> None:
         self._thread.stop()
