@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 JSON = b"application/json"
 BODY_TIMEOUT = 5.0  # the original's body read timeout
 MAX_BODY = 1 << 20  # 1 MiB: no request of any service comes close
+LARGE_BODY = 64 * 1024  # parsed off the loop from this size on
 
 STATUS_OF_KIND = {
     ErrorKind.INVALID: 400,
@@ -128,6 +129,14 @@ class ServiceApp:
         self.name = name
         self._versions = frozenset(api_versions)
         self._routes = routes
+        self._parsers = trio.CapacityLimiter(2)  # one per core: more would queue on the GIL
+
+    async def _parse_json(self, raw: bytes) -> Any:
+        """A large body is parsed in a worker thread: parsing a megabyte holds the loop for
+        tens of milliseconds, which every other caller would wait out."""
+        if len(raw) < LARGE_BODY:
+            return parse_json(raw)
+        return await trio.to_thread.run_sync(parse_json, raw, limiter=self._parsers)
 
     async def __call__(self, incoming: http1.Request) -> http1.Response:
         try:
@@ -176,7 +185,7 @@ class ServiceApp:
         method = incoming.method
         raw_body = await self._read_body(incoming, method)
         # The original parses the body before it looks at the method: bad JSON wins over 400.
-        parsed = None if raw_body is None else parse_json(raw_body)
+        parsed = None if raw_body is None else await self._parse_json(raw_body)
         handler = candidate.handlers.get(method)
         if handler is None:
             raise HttpError(400, "method not allowed")

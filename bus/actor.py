@@ -75,7 +75,10 @@ async def serve_actor(
                 message = codec.decode(encoded)
                 if message["deadline"] <= trio.current_time():
                     continue  # its caller stopped waiting while it sat in the mailbox
-                await slots.acquire()
+                try:
+                    slots.acquire_nowait()  # the usual case: no extra trip through the scheduler
+                except trio.WouldBlock:
+                    await slots.acquire()
                 in_flight.add(message["id"])
                 nursery.start_soon(serve_one, message)
     except* InjectedCrash as group:

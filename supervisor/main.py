@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(run_daemon, bus, services, faults, launched)
     except BaseExceptionGroup as group:
+        misconfigured = first_leaf(group, (ConfigError,))
+        if misconfigured is not None:
+            log.error("configuration error: %s", misconfigured)
+            return EXIT_CONFIG
         fatal = first_leaf(group, (RestartLimitExceeded, OSError))
         if fatal is None:
             raise

@@ -12,6 +12,7 @@ import trio
 from bus.actor import Handler, serve_actor
 from bus.bus import Bus
 from bus.faults import Faults
+from config.loader import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ async def supervise(
                 started = True
             await serve_actor(bus, name, handler, inbox, faults)
             return
+        except ConfigError:
+            raise  # no restart mends a configuration: the daemon exits 78
         except Exception as error:  # a crash is a message: log it with its cause, restart
             now = trio.current_time()
             crashes.append(now)

@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from bus.faults import Faults
+from config.loader import ConfigError
 
 from .filecrypto import in_worker
 
@@ -40,8 +41,9 @@ _PARSED_COST = 4 << 10  # about what a parsed key costs OpenSSL beside its file'
 _LARGE = 64 << 10  # a file this large is read in a worker thread
 
 
-class UnsafeDirectory(Exception):
-    """The key directory (or the home directory holding it) can be changed by another user."""
+class UnsafeDirectory(ConfigError):
+    """The key directory (or the home directory holding it) can be changed by another user:
+    a configuration problem, so the daemon exits 78 at once instead of restarting keyd."""
 
 
 @attrs.define
