@@ -18,8 +18,8 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 import attrs
 import trio
 
-from bus.errors import BusError, ErrorKind
-from bus.logtext import loggable
+from aziot.bus.errors import BusError, ErrorKind
+from aziot.bus.logtext import loggable
 
 from . import http1
 from .body import ShapeError, parse_json, shape_message

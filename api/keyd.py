@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 
-from actors.keys import messages as m
-from actors.keys.messages import Keys
-from bus.bus import Bus
-from bus.protocol import Caller, Client
+from aziot.actors.keys import messages as m
+from aziot.actors.keys.messages import Keys
+from aziot.bus.bus import Bus
+from aziot.bus.protocol import Caller, Client
 
 from .body import Fields, ShapeError
 from .http import HttpError, Request, Response, Route, ServiceApp, route, rust_debug

@@ -22,14 +22,14 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from actors.keys.pkcs11.token import Pkcs11Library  # noqa: E402
-from actors.keys.pkcs11.uri import Pkcs11Uri  # noqa: E402
-from actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread  # noqa: E402
+from aziot.actors.keys.pkcs11.token import Pkcs11Library  # noqa: E402
+from aziot.actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread  # noqa: E402
+from aziot.bus.actor import serve_actor  # noqa: E402
+from aziot.bus.bus import Bus  # noqa: E402
+from aziot.bus.faults import Faults  # noqa: E402
+from aziot.config.pkcs11_uri import Pkcs11Uri  # noqa: E402
 from bench.keyd_bench import post, rss_mib  # noqa: E402
 from bench.load import run  # noqa: E402
-from bus.actor import serve_actor  # noqa: E402
-from bus.bus import Bus  # noqa: E402
-from bus.faults import Faults  # noqa: E402
 from tests.daemon import Keyd  # noqa: E402
 from tests.softhsm import make_softhsm_token  # noqa: E402
 

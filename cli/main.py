@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from supervisor.version import package_version
+from aziot.supervisor.version import package_version
 
 
 def main(argv: list[str] | None = None) -> int:

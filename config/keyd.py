@@ -8,9 +8,8 @@ from typing import Any
 import attrs
 import cattrs
 
-from actors.keys.pkcs11.uri import Pkcs11Uri
-
 from .loader import ConfigError, ServicePaths, load_merged
+from .pkcs11_uri import Pkcs11Uri
 
 # The names libaziot-keys accepts; any other name makes the original refuse to start.
 AZIOT_KEYS_NAMES = frozenset({"homedir_path", "pkcs11_lib_path", "pkcs11_base_slot"})

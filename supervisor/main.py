@@ -15,10 +15,10 @@ import time
 
 import trio
 
-from api.server import UnixServer, bind_unix
-from bus.bus import Bus
-from bus.faults import POINTS, Faults
-from config.loader import ConfigError
+from aziot.api.server import UnixServer, bind_unix
+from aziot.bus.bus import Bus
+from aziot.bus.faults import POINTS, Faults
+from aziot.config.loader import ConfigError
 
 from . import systemd
 from .services import Service, configured_services

@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from bus.actor import Handler, serve_actor
-from bus.bus import Bus
-from bus.faults import Faults
-from config.loader import ConfigError
+from aziot.bus.actor import Handler, serve_actor
+from aziot.bus.bus import Bus
+from aziot.bus.faults import Faults
+from aziot.config.loader import ConfigError
 
 log = logging.getLogger(__name__)
 

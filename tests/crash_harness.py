@@ -28,7 +28,7 @@ import attrs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from actors.keys.store import key_file_name
+from aziot.actors.keys.store import key_file_name
 from tests.daemon import Keyd
 from tests.softhsm import SoftHsmToken
 

@@ -66,7 +66,7 @@ class Keyd:
         assert self.process is None
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.main"],
+                [sys.executable, "-m", "aziot.supervisor.main"],
                 env=self.environ(),
                 stdout=log,
                 stderr=subprocess.STDOUT,

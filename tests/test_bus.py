@@ -8,11 +8,11 @@ import msgpack
 import pytest
 import trio
 
-from bus import codec
-from bus.actor import ActorCrashed, serve_actor
-from bus.bus import Bus
-from bus.errors import BusError, ErrorKind
-from bus.faults import Action, Faults, InjectedCrash, parse_rules
+from aziot.bus import codec
+from aziot.bus.actor import ActorCrashed, serve_actor
+from aziot.bus.bus import Bus
+from aziot.bus.errors import BusError, ErrorKind
+from aziot.bus.faults import Action, Faults, InjectedCrash, parse_rules
 
 
 class Echo:

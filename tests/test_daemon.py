@@ -240,7 +240,7 @@ def test_socket_activation_serves_the_inherited_socket(world_dir: Path) -> None:
     listener.listen(16)
     fd = listener.fileno()
     script = (
-        'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=aziot-keyd.socket exec "$0" -m supervisor.main'
+        'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=aziot-keyd.socket exec "$0" -m aziot.supervisor.main'
     )
     process = subprocess.Popen(
         ["sh", "-c", script, sys.executable],
@@ -276,7 +276,7 @@ def test_socket_activation_serves_the_inherited_socket(world_dir: Path) -> None:
 def test_no_config_exits_with_a_clear_error(world_dir: Path) -> None:
     env = dict(os.environ, AZIOT_KEYD_CONFIG=str(world_dir / "missing.toml"))
     result = subprocess.run(
-        [sys.executable, "-m", "supervisor.main"],
+        [sys.executable, "-m", "aziot.supervisor.main"],
         env=env,
         capture_output=True,
         text=True,

@@ -10,7 +10,7 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from actors.keys import gcm
+from aziot.actors.keys import gcm
 from tests.openssl_gcm import openssl_seal
 
 

@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from actors.keys import filecrypto
-from actors.principals import Pattern
+from aziot.actors.keys import filecrypto
+from aziot.actors.principals import Pattern
 from tests.daemon import Keyd
 from tests.test_overload import NOBODY, UidClient
 

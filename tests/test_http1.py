@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from api.head_parser import HeadError, HeadTooLarge, parse_head
-from api.http import Request, Response, ServiceApp, route
-from api.server import _PEERCRED, UnixServer, bind_unix, peer_credentials
+from aziot.api.head_parser import HeadError, HeadTooLarge, parse_head
+from aziot.api.http import Request, Response, ServiceApp, route
+from aziot.api.server import _PEERCRED, UnixServer, bind_unix, peer_credentials
 
 BIG = 3 * 1024 * 1024  # well past a Unix socket's send buffer
 

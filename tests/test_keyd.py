@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from actors.keys.store import key_file_name
+from aziot.actors.keys.store import key_file_name
 from tests.daemon import Keyd
 from tests.softhsm import make_softhsm_token, softhsm_available
 

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from actors.keys.store import key_file_name
+from aziot.actors.keys.store import key_file_name
 from tests import rawhttp
 from tests.daemon import KEYD_VERSION, Keyd
 from tests.softhsm import SoftHsmToken, make_softhsm_token, softhsm_available

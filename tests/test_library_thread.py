@@ -7,7 +7,7 @@ import threading
 import pytest
 import trio
 
-from bus.library_thread import LibraryThread
+from aziot.bus.library_thread import LibraryThread
 
 
 class Context:

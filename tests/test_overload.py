@@ -42,7 +42,7 @@ from typing import Any
 
 import pytest
 
-from actors.keys.store import key_file_name
+from aziot.actors.keys.store import key_file_name
 from tests import rawhttp
 from tests.daemon import KEYD_VERSION, Keyd
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pkcs11 import Attribute, ObjectClass
 
-from actors.keys.pkcs11.token import (
+from aziot.actors.keys.pkcs11.token import (
     InvalidParameter,
     KeyExists,
     KeyNotFound,
@@ -32,7 +32,7 @@ from actors.keys.pkcs11.token import (
     ckr_name,
     mechanism_name,
 )
-from actors.keys.pkcs11.uri import Pkcs11Uri
+from aziot.config.pkcs11_uri import Pkcs11Uri
 
 from .softhsm import SoftHsmToken, make_softhsm_token, softhsm_available
 
@@ -719,7 +719,7 @@ def test_closed_session_is_reopened(
     softhsm_token: SoftHsmToken,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="actors.keys.pkcs11")
+    caplog.set_level(logging.INFO, logger="aziot.actors.keys.pkcs11")
     library.generate_key_pair(uri, "k", ["ec-p256"])
     digest = hashlib.sha256(b"x").digest()
     params = library.public_parameters(uri, "k")
@@ -749,7 +749,7 @@ def test_second_library_instance_shares_login(
     softhsm_token: SoftHsmToken,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="actors.keys.pkcs11")
+    caplog.set_level(logging.DEBUG, logger="aziot.actors.keys.pkcs11")
     library.generate_key_pair(uri, "k", ["ec-p256"])
     # Same module, same process: the token is already logged in for this application.
     other = Pkcs11Library(softhsm_token.lib_path)
@@ -761,7 +761,7 @@ def test_second_library_instance_shares_login(
 @pytest.mark.usefixtures("restore_softhsm_conf")
 def test_pin_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     token = make_softhsm_token(tmp_path, pin="Pin-Xq9z-secret")
-    caplog.set_level(logging.DEBUG, logger="actors.keys.pkcs11")
+    caplog.set_level(logging.DEBUG, logger="aziot.actors.keys.pkcs11")
     library = Pkcs11Library(token.lib_path)
     uri = Pkcs11Uri.parse(token.uri())
     library.generate_key_pair(uri, "k", ["ec-p256"])
@@ -878,7 +878,7 @@ def test_a_move_onto_a_key_pair_killed_between_any_two_token_writes(
     neither label held it any more (relabelling in place could also lose a half: SoftHSM
     rewrites an object's file in place). At every instant between two token writes of a move,
     the destination must hold the old pair or the moved one, whole and usable."""
-    caplog.set_level(logging.WARNING, logger="actors.keys.pkcs11")
+    caplog.set_level(logging.WARNING, logger="aziot.actors.keys.pkcs11")
     library.generate_key_pair(uri, "probe-from", ["ec-p256"])
     library.generate_key_pair(uri, "probe-to", ["ec-p256"])
     steps = _steps_of(library, lambda: library.move_key_pair(uri, "probe-from", "probe-to"))
@@ -919,7 +919,7 @@ def test_a_secret_key_write_killed_between_any_two_token_writes(
     its value (SoftHSM stores a new key's label, then its value), so HMAC answered 500, and the
     next start neither removed it nor served it. At every instant between two token writes, the
     id holds the old key or the new one, once, and HMAC with it works."""
-    caplog.set_level(logging.WARNING, logger="actors.keys.pkcs11")
+    caplog.set_level(logging.WARNING, logger="aziot.actors.keys.pkcs11")
     old_key, new_key = b"o" * 32, b"n" * 32
 
     def run(label: str) -> object:

@@ -11,11 +11,11 @@ import trio
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread
-from bus.actor import serve_actor
-from bus.bus import Bus
-from bus.errors import BusError, ErrorKind
-from bus.faults import Faults
+from aziot.actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread
+from aziot.bus.actor import serve_actor
+from aziot.bus.bus import Bus
+from aziot.bus.errors import BusError, ErrorKind
+from aziot.bus.faults import Faults
 from tests.softhsm import SOFTHSM_LIB, make_softhsm_token, softhsm_available
 
 pytestmark = pytest.mark.skipif(not softhsm_available(), reason="softhsm2 is not installed")

@@ -11,12 +11,12 @@ import attrs
 import pytest
 import trio
 
-from bus import codec
-from bus.actor import serve_actor
-from bus.bus import Bus
-from bus.errors import BusError, ErrorKind
-from bus.faults import Faults
-from bus.protocol import NOTHING, Caller, Client, Nothing, Operation, Protocol, dispatcher
+from aziot.bus import codec
+from aziot.bus.actor import serve_actor
+from aziot.bus.bus import Bus
+from aziot.bus.errors import BusError, ErrorKind
+from aziot.bus.faults import Faults
+from aziot.bus.protocol import NOTHING, Caller, Client, Nothing, Operation, Protocol, dispatcher
 
 
 @attrs.frozen

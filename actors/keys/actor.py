@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
-from bus.protocol import NOTHING, Caller, Nothing, dispatcher
+from aziot.bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
+from aziot.bus.protocol import NOTHING, Caller, Nothing, dispatcher
 
 from . import filecrypto
 from .authz import KeyAuthorizer, KeyPrincipal

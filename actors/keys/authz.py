@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from actors.principals import Principals
+from aziot.actors.principals import Principals
 
 
 @attrs.frozen

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bus.errors import invalid
+from aziot.bus.errors import invalid
 
 
 def check_nul(name: str, text: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from bus.errors import BusError, invalid
+from aziot.bus.errors import BusError, invalid
 
 from .cstring import check_nul
 from .filecrypto import in_worker

@@ -11,8 +11,9 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
+from aziot.config.pkcs11_uri import Pkcs11Uri
+
 from .filecrypto import bad_parameter
-from .pkcs11.uri import Pkcs11Uri
 from .store import FileStore
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import attrs
 
-from bus.protocol import Nothing, Operation, Protocol
+from aziot.bus.protocol import Nothing, Operation, Protocol
 
 
 @attrs.frozen

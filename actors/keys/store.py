@@ -22,8 +22,8 @@ from typing import Any
 import attrs
 import trio
 
-from bus.faults import Faults
-from config.loader import ConfigError
+from aziot.bus.faults import Faults
+from aziot.config.loader import ConfigError
 
 from .filecrypto import in_worker
 

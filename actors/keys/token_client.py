@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bus.bus import Bus
-from bus.errors import BusError, ErrorKind, internal, invalid
+from aziot.bus.bus import Bus
+from aziot.bus.errors import BusError, ErrorKind, internal, invalid
 
 from .locations import TokenLocation
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 
-from bus.bus import Bus
-from bus.faults import Faults
-from config.loader import ServicePaths
+from aziot.bus.bus import Bus
+from aziot.bus.faults import Faults
+from aziot.config.loader import ServicePaths
 
 from .keyd import keyd
 from .service import ActorSpec, Builder, Service, socket_path

@@ -6,18 +6,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from actors.keys.actor import KeysActor
-from actors.keys.authz import KeyPrincipal
-from actors.keys.messages import Keys, Principal, ReloadPrincipals
-from actors.keys.pkcs11.uri import Pkcs11Uri
-from actors.keys.store import FileStore
-from actors.keys.token_client import TokenClient, TokenError
-from api.keyd import KeydApi
-from bus.bus import Bus
-from bus.faults import Faults
-from bus.protocol import Caller, Client
-from config.keyd import KeydConfig, load_keyd
-from config.loader import ServicePaths
+from aziot.actors.keys.actor import KeysActor
+from aziot.actors.keys.authz import KeyPrincipal
+from aziot.actors.keys.messages import Keys, Principal, ReloadPrincipals
+from aziot.actors.keys.store import FileStore
+from aziot.actors.keys.token_client import TokenClient, TokenError
+from aziot.api.keyd import KeydApi
+from aziot.bus.bus import Bus
+from aziot.bus.faults import Faults
+from aziot.bus.protocol import Caller, Client
+from aziot.config.keyd import KeydConfig, load_keyd
+from aziot.config.loader import ServicePaths
+from aziot.config.pkcs11_uri import Pkcs11Uri
 
 from .service import ActorSpec, Service, socket_path
 
@@ -64,7 +64,7 @@ def keyd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, str])
 
     async def start_pkcs11() -> Any:
         # Imported only when a token is configured: python-pkcs11 costs memory and start time.
-        from actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread
+        from aziot.actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread
 
         assert lib_path is not None
         if not threads:

@@ -9,10 +9,10 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from api.http import ServiceApp
-from bus.bus import Bus
-from bus.faults import Faults
-from config.loader import ConfigError, ServicePaths
+from aziot.api.http import ServiceApp
+from aziot.bus.bus import Bus
+from aziot.bus.faults import Faults
+from aziot.config.loader import ConfigError, ServicePaths
 
 DEFAULT_SOCKET_DIR = "/run/aziot"
 

@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass, TokenFlag
 from pkcs11 import exceptions as p11x
 
-from .uri import Pkcs11Uri
+from aziot.config.pkcs11_uri import Pkcs11Uri
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ from typing import Any
 
 import attrs
 
-from bus.errors import BusError, ErrorKind
-from bus.faults import Faults
-from bus.library_thread import LibraryThread
+from aziot.bus.errors import BusError, ErrorKind
+from aziot.bus.faults import Faults
+from aziot.bus.library_thread import LibraryThread
+from aziot.config.pkcs11_uri import Pkcs11Uri
 
 from .token import (
     InvalidParameter,
@@ -26,7 +27,6 @@ from .token import (
     Pkcs11Library,
     TokenUnavailable,
 )
-from .uri import Pkcs11Uri
 
 log = logging.getLogger(__name__)
 
