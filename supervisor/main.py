@@ -18,6 +18,7 @@ import trio
 from aziot.api.server import UnixServer, bind_unix
 from aziot.bus.bus import Bus
 from aziot.bus.faults import POINTS, Faults
+from aziot.bus.logtext import loggable
 from aziot.config.loader import ConfigError
 
 from . import systemd
@@ -29,6 +30,7 @@ log = logging.getLogger("aziotd")
 
 EXIT_CONFIG = 78  # EX_CONFIG: systemd shows it as a configuration problem
 EXIT_CRASHED = 70  # EX_SOFTWARE
+MAX_LOG_MESSAGE = 4096  # characters of one log message; the rest is counted, not written
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +58,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class OneLineFormatter(logging.Formatter):
+    """Every message on one line and bounded: callers' ids and paths end up in messages, and a
+    `\n` in one must not forge a second log line, nor a megabyte id flood the journal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = loggable(record.message, MAX_LOG_MESSAGE)
+        return super().formatMessage(record)
+
+
 def setup_logging(level_name: str) -> None:
     levels = {
         "error": logging.ERROR,
@@ -65,11 +76,9 @@ def setup_logging(level_name: str) -> None:
         "debug": logging.DEBUG,
         "trace": logging.DEBUG,
     }
-    logging.basicConfig(
-        level=levels.get(level_name.lower(), logging.INFO),
-        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    logging.basicConfig(level=levels.get(level_name.lower(), logging.INFO), handlers=[handler])
 
 
 def print_fault_points() -> None:

@@ -349,3 +349,66 @@ def test_a_key_directory_others_can_write_is_refused(world_dir: Path, which: str
     assert "restarting" not in keyd.logs()
     assert not (keyd.keys_dir / "handlevalidationkey").exists()
     assert list(keyd.keys_dir.iterdir()) == []
+
+
+# -- 4. log lines cannot be forged or flooded ---------------------------------------------------
+
+
+def test_an_id_with_a_newline_cannot_forge_a_log_line(keyd: Keyd, caller: UidClient) -> None:
+    forged = "2026-01-01 00:00:00,000 [ERROR] aziotd: FORGED"
+    status, reply, _ = caller.request("GET", f"/key/nope%0A{forged.replace(' ', '%20')}")
+    assert status == 401
+    assert reply["message"] == f"user {CALLER} is not authorized to access the key nope\n{forged}"
+    body = {"keyId": f"mine\n{forged}", "usage": "sign", "keyBytes": b64(bytes(32))}
+    status, reply, _ = caller.request("POST", "/key", body)
+    assert status == 200  # authorized by "mine*": the id is logged when the key is stored
+    lines = keyd.logs().splitlines()
+    assert not any(line.startswith(forged) for line in lines)
+    assert any("nope%0A2026-01-01" in line for line in lines)  # the 401, on one line
+    assert any("mine\\n2026-01-01" in line for line in lines)
+
+
+def test_a_megabyte_id_is_logged_shortened(keyd: Keyd, world_dir: Path) -> None:
+    """A caller without a principal: each 401 used to log the whole id."""
+    stranger = UidClient(CALLER + 1, keyd.socket)
+    try:
+        before = len(keyd.logs())
+        key_id = "k" * ((1 << 20) - 100)  # the body stays within the 1 MiB limit
+        for _ in range(5):
+            status, reply, _ = stranger.request(
+                "POST", "/key", {"keyId": key_id, "usage": "sign", "keyBytes": None}
+            )
+            assert status == 401
+            assert reply["message"].endswith(key_id)  # the client is told, as by the original
+        grown = len(keyd.logs()) - before
+        assert grown < 5 * 10_000, f"the log grew {grown} bytes for 5 refusals"
+        assert "characters)" in keyd.logs()  # shortened, saying how long it was
+    finally:
+        stranger.close()
+
+
+# -- 5. uids of 2^31 and more ------------------------------------------------------------------
+
+
+def test_a_uid_above_2_31_is_read_as_the_kernel_gives_it(world_dir: Path) -> None:
+    """SO_PEERCRED's uid was unpacked as a signed int: uid 2^31+5 became negative and its
+    principal never matched."""
+    big = 2**31 + 5
+    daemon = Keyd(world_dir / "keyd", env={"AZIOT_LOG_LEVEL": "info"})
+    (daemon.config_dir / "50-big.toml").write_text(f'[[principal]]\nuid = {big}\nkeys = ["big*"]\n')
+    daemon.start()
+    os.chown(daemon.socket, 0, NOBODY)
+    client = UidClient(big, daemon.socket)
+    try:
+        status, reply, _ = client.request(
+            "POST", "/key", {"keyId": "big-one", "usage": "sign", "keyBytes": None}
+        )
+        assert status == 200, reply
+        status, reply, _ = client.request("GET", "/key/other")
+        assert (status, reply["message"]) == (
+            401,
+            f"user {big} is not authorized to access the key other",
+        )
+    finally:
+        client.close()
+        daemon.stop()
