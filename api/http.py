@@ -212,13 +212,10 @@ class ServiceApp:
         is_json = content_type is None or content_type == "application/json"
         if method == "PUT" and not is_json:
             raise HttpError(415, "request body must be application/json")
-        with trio.move_on_after(BODY_TIMEOUT) as timer:
-            try:
-                body = await incoming.read_body(MAX_BODY)
-            except http1.BodyError as error:
-                raise HttpError(error.status, error.message) from None
-        if timer.cancelled_caught:
-            raise HttpError(408, "deadline has elapsed")
+        try:
+            body = await incoming.read_body(MAX_BODY, BODY_TIMEOUT)
+        except http1.BodyError as error:
+            raise HttpError(error.status, error.message) from None
         if method == "PUT":
             return body  # PUT bodies are always parsed, even empty ones
         if not body or not is_json:

@@ -67,10 +67,10 @@ class Request:
                 return value
         return None
 
-    async def read_body(self, limit: int) -> bytes:
-        """The whole body. BodyError(413) past `limit` bytes, BodyError(400) if the client
-        closed before sending it all."""
-        return await self._connection.read_body(limit)
+    async def read_body(self, limit: int, timeout: float) -> bytes:
+        """The whole body. BodyError(413) past `limit` bytes, 408 when it has not all come
+        within `timeout` seconds, 400 if the client closed before sending it all."""
+        return await self._connection.read_body(limit, timeout)
 
 
 class Response:
@@ -178,6 +178,9 @@ class Http1Connection:
         self.pid = pid
         self._idle_timeout = idle_timeout
         self._buffer = bytearray()
+        # Since when a head is awaited (None while a request is served): the server's reaper
+        # closes the connection past its idle timeout, so no timer is set per request.
+        self.waiting_since: float | None = time.monotonic()
         self._eof = False
         # Framing of the request being served: bytes of body still to come, or chunked.
         self._remaining = 0
@@ -217,29 +220,28 @@ class Http1Connection:
         """The next head's bytes and the size of the blank line ending it; None when the
         client closed or idled out between requests."""
         buffer = self._buffer
-        with trio.move_on_after(self._idle_timeout):
-            while True:
-                start = 0
-                while buffer.startswith((b"\r\n", b"\n"), start):
-                    start += 2 if buffer[start] == 13 else 1
-                if start:
-                    del buffer[:start]
-                end, blank = head_end(buffer, 0)
-                if end > MAX_HEAD:
-                    await self._send_and_close(bare_error(431))
-                if end >= 0:
-                    self.idle = False
-                    return bytes(buffer[:end]), blank
-                if len(buffer) > MAX_HEAD:
-                    await self._send_and_close(bare_error(431))
-                if self.stopping and not buffer:
-                    return None
-                self.idle = not buffer
-                if not await self._receive():
-                    if buffer:
-                        await self._send_and_close(bare_error(400))
-                    return None
-        return None  # idle too long: close, as the original's keep-alive timer does
+        while True:
+            start = 0
+            while buffer.startswith((b"\r\n", b"\n"), start):
+                start += 2 if buffer[start] == 13 else 1
+            if start:
+                del buffer[:start]
+            end, blank = head_end(buffer, 0)
+            if end > MAX_HEAD:
+                await self._send_and_close(bare_error(431))
+            if end >= 0:
+                self.idle = False
+                self.waiting_since = None
+                return bytes(buffer[:end]), blank
+            if len(buffer) > MAX_HEAD:
+                await self._send_and_close(bare_error(431))
+            if self.stopping and not buffer:
+                return None
+            self.idle = not buffer
+            if not await self._receive():
+                if buffer:
+                    await self._send_and_close(bare_error(400))
+                return None
 
     async def _serve_one(self) -> bool:
         found = await self._read_head()
@@ -266,6 +268,7 @@ class Http1Connection:
         await self._send_all(encode_response(response, head_only=head_only, close=close))
         self.sending = False
         self.idle = True
+        self.waiting_since = time.monotonic()
         if close:
             return False
         return not unread or await self._drain()
@@ -322,10 +325,21 @@ class Http1Connection:
 
     # -- bodies ------------------------------------------------------------------------------
 
-    async def read_body(self, limit: int) -> bytes:
+    async def read_body(self, limit: int, timeout: float) -> bytes:
+        if not self._chunked and self._remaining <= min(limit, len(self._buffer)):
+            return self._take(self._remaining)  # all here already: no timer, no wait
         self._reading = True
-        body = await self._read_body(limit)
+        with trio.move_on_after(timeout) as timer:
+            body = await self._read_body(limit)
+        if timer.cancelled_caught:
+            raise BodyError(408, "deadline has elapsed")
         self._reading = False
+        return body
+
+    def _take(self, size: int) -> bytes:
+        body = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self._remaining = 0
         return body
 
     async def _read_body(self, limit: int) -> bytes:
@@ -339,10 +353,7 @@ class Http1Connection:
         while len(self._buffer) < self._remaining:
             if not await self._receive():
                 raise BodyError(400, "error reading request body: connection closed")
-        body = bytes(self._buffer[: self._remaining])
-        del self._buffer[: self._remaining]
-        self._remaining = 0
-        return body
+        return self._take(self._remaining)
 
     async def _read_chunked(self, limit: int) -> bytes:
         body = bytearray()
@@ -386,11 +397,10 @@ class Http1Connection:
         """Skip a body the service did not read, so the next request can be served; False
         when that fails (too large, malformed, or the client stopped sending)."""
         try:
-            with trio.move_on_after(self._idle_timeout) as timer:
-                await self.read_body(DRAIN_LIMIT)
+            await self.read_body(DRAIN_LIMIT, self._idle_timeout)
         except (BodyError, _BadBody):
             return False
-        return not timer.cancelled_caught
+        return True
 
     # -- writing -----------------------------------------------------------------------------
 
