@@ -13,7 +13,7 @@ receiver's clock again; none does today.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -23,6 +23,10 @@ from .errors import BusError, ErrorKind
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CAPACITY = 64
+
+
+class Endpoint(Protocol):
+    async def call(self, encoded: bytes) -> dict[str, Any] | None: ...
 
 
 @attrs.define
@@ -37,6 +41,7 @@ class Bus:
 
     def __init__(self) -> None:
         self._mailboxes: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._endpoints: dict[str, Endpoint] = {}
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
 
@@ -52,6 +57,15 @@ class Bus:
 
     def has_actor(self, name: str) -> bool:
         return name in self._mailboxes
+
+    def attach(self, name: str, endpoint: Endpoint) -> None:
+        """While actor `name` runs, its requests go to `endpoint` directly."""
+        self._endpoints[name] = endpoint
+
+    def detach(self, name: str, endpoint: Endpoint) -> None:
+        """Until the actor runs again, its requests wait in its mailbox."""
+        if self._endpoints.get(name) is endpoint:
+            del self._endpoints[name]
 
     async def request(
         self,
@@ -82,6 +96,10 @@ class Bus:
                 "deadline": trio.current_time() + timeout,
             }
         )
+        endpoint = self._endpoints.get(to)
+        if endpoint is not None:
+            reply = await endpoint.call(envelope)
+            return self._result(reply, to, op, timeout)
         pending = self._pending[request_id] = _Pending(to)
         try:
             with trio.move_on_after(timeout):
@@ -91,12 +109,16 @@ class Bus:
             raise BusError(ErrorKind.UNAVAILABLE, f"actor {to!r} has stopped") from None
         finally:
             del self._pending[request_id]
-        if pending.reply is None:
+        return self._result(pending.reply, to, op, timeout)
+
+    @staticmethod
+    def _result(reply: dict[str, Any] | None, to: str, op: str, timeout: float) -> Any:
+        if reply is None:
             raise BusError(ErrorKind.TIMEOUT, f"{to} did not answer {op} within {timeout:g} s")
-        error = pending.reply.get("err")
+        error = reply.get("err")
         if error is not None:
             raise BusError.from_wire(error)
-        return pending.reply.get("ok")
+        return reply.get("ok")
 
     def reply(self, encoded: bytes) -> None:
         """Deliver an encoded reply; one whose caller already gave up is dropped."""

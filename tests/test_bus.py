@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from aziot.bus import codec
 from aziot.bus.actor import ActorCrashed, serve_actor
@@ -113,9 +115,7 @@ async def test_a_crashed_actor_answers_its_callers_unavailable() -> None:
 
     with pytest.RaisesGroup(ActorCrashed):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                serve_actor, bus, "echo", echo, bus.open_mailbox("echo"), Faults()
-            )
+            nursery.start_soon(serve_actor, bus, "echo", echo, bus.open_mailbox("echo"), Faults())
             await trio.sleep(0)
             nursery.start_soon(waiting_caller)
             await trio.sleep(0.05)
@@ -144,3 +144,38 @@ async def test_fault_counts_are_exact() -> None:
             await faults.hit("p")
     await faults.hit("p")  # spent
     await Faults().hit("p")  # off: nothing happens
+
+
+async def test_a_busy_actor_pushes_back_on_direct_callers() -> None:
+    """While an actor runs, callers reach it directly; its in-flight slots bound them, and a
+    caller that finds none waits until its deadline, then gets `timeout`: none is dropped."""
+    bus = Bus()
+    echo = Echo()
+    outcomes: list[str] = []
+
+    async def call(op: str, timeout: float) -> None:
+        try:
+            await bus.request("echo", op, timeout=timeout)
+            outcomes.append(f"{op} ok")
+        except BusError as error:
+            outcomes.append(f"{op} {error.kind.value}")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            partial(serve_actor, max_in_flight=2),
+            bus,
+            "echo",
+            echo,
+            bus.open_mailbox("echo"),
+            Faults(),
+        )
+        async with trio.open_nursery() as callers:
+            for _ in range(2):
+                callers.start_soon(call, "wait", 1.0)  # they hold both slots for 1 s
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(2):
+                callers.start_soon(call, "echo", 0.3)  # no slot before their deadline
+        assert outcomes == ["echo timeout"] * 2 + ["wait timeout"] * 2
+        echo.release.set()
+        assert await bus.request("echo", "echo", {"after": 1}) == {"after": 1}
+        nursery.cancel_scope.cancel()
