@@ -756,3 +756,56 @@ def test_a_client_that_never_reads_its_answers_does_not_hold_up_sigterm(
         stuck.close()
     assert code == 0, "SIGTERM did not stop the daemon within 15 s"
     assert "closing a connection whose client stopped reading" in keyd.logs()
+
+
+def test_the_per_uid_limit_holds_at_2000_connections_while_another_uid_is_served(
+    started: Callable[[int], Keyd],
+) -> None:
+    """max_requests = 2000: uid 0 opens 2000 connections and each is served on the new loop;
+    the next 50 are closed without a byte; uid 65534 imports and signs meanwhile; once uid 0
+    lets go, every fd is released."""
+    big = 2000
+    raise_fd_limit(2 * big + 1000)
+    keyd = started(big)
+    assert keyd.process is not None
+    pid = keyd.process.pid
+    other = UidClient(NOBODY, keyd.socket)
+    held: list[socket.socket] = []
+    try:
+        fds_before = open_fds(pid)
+        request = rawhttp.build("GET", target("/key/x"))
+        for _ in range(big):
+            sock = connect(keyd.socket, timeout=20)
+            sock.sendall(request)
+            held.append(sock)
+        for sock in held:  # every one of them is a served connection
+            assert rawhttp.read_reply(sock).status == 400
+        extra = [connect(keyd.socket) for _ in range(50)]
+        states = count(classify(extra, expect_closed=50))
+        assert states == {"closed": 50}, states
+        status, reply, _ = other.request(
+            "POST", "/key", {"keyId": "other-2000", "usage": "sign", "keyBytes": b64(bytes(32))}
+        )
+        assert status == 200, reply
+        sign = {
+            "keyHandle": reply["keyHandle"],
+            "algorithm": "HMAC-SHA256",
+            "parameters": {"message": b64(b"m")},
+        }
+        status, reply, _ = other.request("POST", "/sign", sign)
+        assert status == 200, reply
+        for sock in held[:10]:  # kept alive: a second request on the same connections
+            sock.sendall(request)
+            assert rawhttp.read_reply(sock).status == 400
+        assert f"{REFUSED} 0" in keyd.logs()
+        for sock in held + extra:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while open_fds(pid) > fds_before:
+            assert time.monotonic() < deadline, f"{open_fds(pid)} fds, {fds_before} before"
+            time.sleep(0.1)
+    finally:
+        for sock in held:
+            sock.close()
+        other.close()
+    assert keyd.stop() == 0
