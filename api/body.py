@@ -198,11 +198,16 @@ def parse_json(raw: bytes) -> Any:
     except ShapeError as error:
         raise JsonSyntaxError(f"{error} at {_end_position(text)}") from None
     except json.JSONDecodeError as error:
+        if error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string"):
+            # serde says what it was inside when the input ran out, at the input's end.
+            lines = text.split("\n")
+            raise JsonSyntaxError(
+                f"EOF while parsing {_inside_at_eof(text, error.msg)} "
+                f"at line {len(lines)} column {len(lines[-1])}"
+            ) from None
         match = _PY_JSON_ERROR.match(str(error))
         what = match["what"] if match else error.msg
         wording = next((v for k, v in _SERDE_WORDING.items() if what.startswith(k)), what)
-        if error.pos >= len(text.rstrip()):
-            wording = "EOF while parsing a value"
         raise JsonSyntaxError(f"{wording} at line {error.lineno} column {error.colno}") from None
     if _LONE_SURROGATE.search(text) and _has_surrogate(value):
         raise JsonSyntaxError(f"lone leading surrogate in hex escape at {_end_position(text)}")
@@ -213,6 +218,35 @@ def parse_json(raw: bytes) -> Any:
 
 
 _LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _inside_at_eof(text: str, python_message: str) -> str:
+    """What serde_json was parsing when `text` ended: a string, a value (after `:` or `,`),
+    else the innermost list or object (right after its bracket, or after a value or key)."""
+    if python_message.startswith("Unterminated string"):
+        return "a string"
+    last = text.rstrip()[-1]
+    if last in ",:":
+        return "a value"
+    open_containers = []
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            open_containers.append(char)
+        elif char in "]}" and open_containers:
+            open_containers.pop()
+    if not open_containers:
+        return "a value"
+    return "a list" if open_containers[-1] == "[" else "an object"
 
 
 def _no_constant(text: str, name: str) -> Any:

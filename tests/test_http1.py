@@ -120,7 +120,7 @@ async def test_a_client_sending_one_byte_at_a_time_is_served(served: Served) -> 
         + b"POST /body?api-version=1 HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % len(body_bytes)
         + body_bytes
         + b"POST /body?api-version=1 HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
-        + b"4\r\n{\"b\"\r\n3\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n"
+        + b'4\r\n{"b"\r\n3\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n'
     )
     stream = await served.connect()
     for index in range(len(wire)):
@@ -277,3 +277,52 @@ def test_peer_credentials_read_a_uid_above_2_31_as_unsigned() -> None:
     left, right = socket.socketpair(socket.AF_UNIX)
     with left, right:
         assert peer_credentials(left)[0] == os.getuid()
+
+
+@pytest.mark.parametrize(
+    ("wire", "status", "message"),
+    [
+        # api-version first, before the route is even looked at
+        (b"GET /nothing HTTP/1.1\r\n\r\n", 400, "api-version not specified"),
+        (b"GET /nothing?api-version=2 HTTP/1.1\r\n\r\n", 400, 'invalid api-version "2"'),
+        # then the route
+        (b"GET /nothing?api-version=1 HTTP/1.1\r\n\r\n", 404, "not found"),
+        # then the method, but a body that is not JSON wins over a wrong method
+        (b"PATCH /body?api-version=1 HTTP/1.1\r\n\r\n", 400, "method not allowed"),
+        (
+            b"DELETE /body?api-version=1 HTTP/1.1\r\ncontent-length: 1\r\n\r\n{",
+            422,
+            "EOF while parsing an object at line 1 column 1",  # as serde_json: at the last byte
+        ),
+        (
+            b"DELETE /body?api-version=1 HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+            400,
+            "method not allowed",
+        ),
+        # then the body rules
+        (b"POST /body?api-version=1 HTTP/1.1\r\n\r\n", 400, "missing request body"),
+        (
+            b"PUT /body?api-version=1 HTTP/1.1\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n{}",
+            415,
+            "request body must be application/json",
+        ),
+        (
+            b"POST /body?api-version=1 HTTP/1.1\r\ncontent-length: 2000000\r\n\r\n",
+            413,
+            "request body too large",
+        ),
+        (
+            b"POST /body?api-version=1 HTTP/1.1\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n{}",
+            400,
+            "missing request body",  # a non-JSON body is no body, as in the original
+        ),
+    ],
+)
+async def test_the_framework_rules_apply_in_the_originals_order(
+    served: Served, wire: bytes, status: int, message: str
+) -> None:
+    stream = await served.connect()
+    await stream.send_all(wire)
+    got, head, payload = await read_response(stream, bytearray())
+    assert (got, json.loads(payload)) == (status, {"message": message}), head
+    assert b"content-type: application/json\r\n" in head
