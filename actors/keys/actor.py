@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from aziot.actors.texts import GENERIC_INVALID
 from aziot.bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
 from aziot.bus.protocol import NOTHING, Caller, Nothing, dispatcher
 
@@ -59,7 +60,6 @@ from .token_client import TokenClient, TokenError
 
 log = logging.getLogger(__name__)
 
-GENERIC_INVALID = "a parameter has an invalid value"
 DEFAULT_ALGORITHMS = ["ec-p256", "rsa-2048"]
 KNOWN_ALGORITHMS = ("ec-p256", "rsa-2048", "rsa-4096")
 

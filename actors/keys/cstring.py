@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aziot.bus.errors import invalid
+from aziot.actors.texts import invalid_parameter
 
 
 def check_nul(name: str, text: str) -> None:
@@ -10,7 +10,4 @@ def check_nul(name: str, text: str) -> None:
     position = text.find("\0")
     if position >= 0:
         offset = len(text[:position].encode("utf-8", "surrogatepass"))
-        raise invalid(
-            f'parameter "{name}" has an invalid value\n'
-            f"caused by: nul byte found in provided data at position: {offset}"
-        )
+        raise invalid_parameter(name, f"nul byte found in provided data at position: {offset}")

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
+
+from aziot.actors.offload import in_worker
 
 from . import gcm, openssl
 
@@ -29,23 +29,8 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 T = TypeVar("T")
 
 
-# Work that costs more than a thread hop (tens of microseconds) runs in worker threads, so one
-# caller's large or slow request does not hold the event loop that serves every other caller.
-# The limiter keeps the threads to the cores: beyond that they would only queue inside the OS.
-SMALL = 64 * 1024  # bytes of input below which hashing or AES costs less than the hop
-_limiter: trio.CapacityLimiter | None = None
-
-
-def _workers() -> trio.CapacityLimiter:
-    global _limiter
-    if _limiter is None:
-        _limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
-    return _limiter
-
-
-async def in_worker(function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)` in a worker thread (for OpenSSL calls, which release the GIL)."""
-    return await trio.to_thread.run_sync(function, *args, limiter=_workers())
+# Input below which hashing or AES costs less than the hop to a worker thread.
+SMALL = 64 * 1024
 
 
 async def sized(size: int, function: Callable[..., T], *args: Any) -> T:

@@ -6,7 +6,6 @@ implementation validate in the other as long as they share the handle-validation
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
@@ -19,10 +18,13 @@ from typing import Any
 
 import attrs
 
-from aziot.bus.errors import BusError, invalid
+from aziot.actors.b64 import decode_strict as b64decode_strict
+from aziot.actors.b64 import encode as b64encode
+from aziot.actors.offload import in_worker
+from aziot.actors.texts import invalid_parameter
+from aziot.bus.errors import BusError
 
 from .cstring import check_nul
-from .filecrypto import in_worker
 
 HANDLE_VALIDATION_KEY_ID = "handle-validation-key"
 # Known-good handles are remembered by bytes, not by count: a derived handle carries its
@@ -50,19 +52,7 @@ class KeyRef:
 
 
 def invalid_handle(detail: str = "invalid handle") -> BusError:
-    return invalid(f'parameter "handle" has an invalid value\ncaused by: {detail}')
-
-
-def b64decode_strict(text: str) -> bytes:
-    """Decode standard padded base64, refusing what Rust's strict engine refuses."""
-    raw = base64.b64decode(text, validate=True)
-    if base64.b64encode(raw).decode("ascii") != text:
-        raise binascii.Error("non-canonical base64")
-    return raw
-
-
-def b64encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return invalid_parameter("handle", detail)
 
 
 Mac = Callable[[bytes], Awaitable[bytes]]

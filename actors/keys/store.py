@@ -1,229 +1,31 @@
-"""Key files on disk: the original's names, atomic writes, and a cache of parsed keys.
+"""Key files on disk: the shared file store (`aziot.actors.files`) as keyd uses it.
 
-The cache is keyed by path and checked against the file's inode, size and mtime on every use,
-so a file changed behind the daemon's back (an operator replacing a preloaded key) is re-read,
-while the common case, signing again with the same key, costs one stat() and no parsing. It is
-bounded by bytes, least recently used first out: a device may hold more key bytes than it has
-memory to spare, and a caller allowed to import keys chooses their size.
+`<homedir>/keys/<alnum>-<sha256>.key`, passing the fault points `store.read`, `store.write` and
+`store.fsync` (the names operators already use in `AZIOTD_FAULTS`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import logging
-import os
-import stat
-import tempfile
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
-import attrs
-import trio
-
+from aziot.actors.files import FileStore, file_name
 from aziot.bus.faults import Faults
-from aziot.config.loader import ConfigError
 
-from .filecrypto import in_worker
+__all__ = ["FileStore", "key_file_name", "key_store"]
 
-log = logging.getLogger(__name__)
+EXTENSION = "key"
+FAULT_POINTS = "store"
 
 
 def key_file_name(key_id: str) -> str:
-    alnum = "".join(c for c in key_id if c.isascii() and c.isalnum())
-    return f"{alnum}-{hashlib.sha256(key_id.encode('utf-8')).hexdigest()}.key"
+    return file_name(key_id, EXTENSION)
 
 
-_CACHE_BYTES = 4 << 20
-_CACHEABLE = 64 << 10  # real key files are under 4 KiB; larger ones are read on each use
-_PARSED_COST = 4 << 10  # about what a parsed key costs OpenSSL beside its file's bytes
-_LARGE = 64 << 10  # a file this large is read in a worker thread
-
-
-class UnsafeDirectory(ConfigError):
-    """The key directory (or the home directory holding it) can be changed by another user:
-    a configuration problem, so the daemon exits 78 at once instead of restarting keyd."""
-
-
-@attrs.define
-class _Cached:
-    signature: tuple[int, int, int]
-    data: bytes
-    parsed: dict[str, Any] = attrs.field(factory=dict)
-
-    @property
-    def cost(self) -> int:
-        return len(self.data) + _PARSED_COST * len(self.parsed) + 200
-
-
-def make_directories(path: Path, mode: int, parents_mode: int = 0o755) -> None:
-    """Create `path` with `mode`, and any missing parent with `parents_mode`, whatever the umask
-    (under umask 0, mkdir -p would leave them 0777 and anyone could swap what is inside)."""
-    missing = []
-    current = path
-    while not current.exists():
-        missing.append(current)
-        if current.parent == current:
-            break
-        current = current.parent
-    for directory in reversed(missing):
-        wanted = mode if directory == path else parents_mode
-        with contextlib.suppress(FileExistsError):  # made meanwhile: checked by the caller
-            os.mkdir(directory, wanted)
-            os.chmod(directory, wanted)
-
-
-def check_private_directory(path: Path) -> None:
-    """Refuse a directory that a user other than this one (or root) could write to."""
-    info = os.lstat(path)
-    mode = stat.S_IMODE(info.st_mode)
-    if not stat.S_ISDIR(info.st_mode):
-        raise UnsafeDirectory(f"{path} is not a directory (mode {stat.filemode(info.st_mode)})")
-    if info.st_uid not in (0, os.geteuid()):
-        raise UnsafeDirectory(
-            f"{path} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}); "
-            "it could replace the keys and the handle-validation key"
-        )
-    if mode & 0o022:
-        raise UnsafeDirectory(
-            f"{path} has mode {mode:04o}: users other than its owner can write to it and could "
-            f"replace the keys and the handle-validation key (chmod go-w {path})"
-        )
-
-
-def write_atomic(path: Path, data: bytes, faults: Faults, mode: int = 0o600) -> None:
-    """Write `data` to `path` so that a crash leaves the old file or the new one, never a mix."""
-    directory = path.parent
-    # A short name: the key file name itself may already be at the 255-byte limit.
-    fd, temp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            faults.hit_blocking("store.write")
-            file.write(data)
-            file.flush()
-            faults.hit_blocking("store.fsync")
-            os.fsync(file.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    fsync_directory(directory)
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class FileStore:
-    """Reads, writes, renames and deletes key files; owned by the keys actor."""
-
-    def __init__(self, keys_dir: Path | None, faults: Faults) -> None:
-        self.keys_dir = keys_dir
-        self._faults = faults
-        self._cache: OrderedDict[Path, _Cached] = OrderedDict()
-        self._cached_bytes = 0
-
-    @property
-    def cached_bytes(self) -> int:
-        return self._cached_bytes
-
-    def prepare(self) -> None:
-        """Create the keys directory (and the home directory) 0700, refuse them if another user
-        can write to them, and sweep temp files that a crash mid-write left behind."""
-        if self.keys_dir is None:
-            return
-        make_directories(self.keys_dir.parent, 0o700)
-        make_directories(self.keys_dir, 0o700)
-        check_private_directory(self.keys_dir.parent)
-        check_private_directory(self.keys_dir)
-        for stale in self.keys_dir.glob(".*.tmp"):
-            log.info("removing %s, left by an interrupted write", stale)
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
-
-    def path_of(self, key_id: str) -> Path | None:
-        """Where `key_id` lives in the keys dir; None when keyd has no homedir."""
-        return None if self.keys_dir is None else self.keys_dir / key_file_name(key_id)
-
-    async def read(self, path: Path) -> bytes | None:
-        entry = await self._entry(path)
-        return None if entry is None else entry.data
-
-    async def parsed(self, path: Path, kind: str, parse: Any) -> tuple[bytes, Any] | None:
-        """The file's bytes and `parse(bytes)`, parsed once per version of the file."""
-        entry = await self._entry(path)
-        if entry is None:
-            return None
-        if kind not in entry.parsed:
-            # Parsing checks the key (an RSA key's primes, for one): off the loop, whatever size.
-            parsed = await in_worker(parse, entry.data)
-            if self._cache.get(path) is entry:
-                self._cached_bytes -= entry.cost
-                entry.parsed[kind] = parsed
-                self._cached_bytes += entry.cost
-                self._trim()
-            else:
-                entry.parsed[kind] = parsed
-        return entry.data, entry.parsed[kind]
-
-    async def _entry(self, path: Path) -> _Cached | None:
-        await self._faults.hit("store.read")
-        try:
-            info = os.stat(path)
-        except FileNotFoundError:
-            self._forget(path)
-            return None
-        signature = (info.st_ino, info.st_size, info.st_mtime_ns)
-        entry = self._cache.get(path)
-        if entry is not None and entry.signature == signature:
-            self._cache.move_to_end(path)
-            return entry
-        self._forget(path)
-        try:
-            if info.st_size < _LARGE:
-                data = path.read_bytes()
-            else:
-                data = await trio.to_thread.run_sync(path.read_bytes)
-        except FileNotFoundError:
-            return None
-        entry = _Cached(signature, data)
-        if len(data) <= _CACHEABLE:
-            self._cache[path] = entry
-            self._cached_bytes += entry.cost
-            self._trim()
-        return entry
-
-    def _forget(self, path: Path) -> None:
-        entry = self._cache.pop(path, None)
-        if entry is not None:
-            self._cached_bytes -= entry.cost
-
-    def _trim(self) -> None:
-        while self._cached_bytes > _CACHE_BYTES and self._cache:
-            _, oldest = self._cache.popitem(last=False)
-            self._cached_bytes -= oldest.cost
-
-    async def write(self, path: Path, data: bytes) -> None:
-        self._forget(path)
-        make_directories(path.parent, 0o700)
-        await trio.to_thread.run_sync(write_atomic, path, data, self._faults)
-        self._forget(path)
-
-    async def remove(self, path: Path) -> None:
-        self._forget(path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            await trio.to_thread.run_sync(fsync_directory, path.parent)
-
-    async def rename(self, source: Path, destination: Path) -> None:
-        self._forget(source)
-        self._forget(destination)
-        os.replace(source, destination)
-        await trio.to_thread.run_sync(fsync_directory, destination.parent)
+def key_store(keys_dir: Path | None, faults: Faults) -> FileStore:
+    return FileStore(
+        keys_dir,
+        faults,
+        extension=EXTENSION,
+        points=FAULT_POINTS,
+        contents="the keys and the handle-validation key",
+    )

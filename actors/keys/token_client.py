@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from aziot.actors.texts import GENERIC_INVALID, INTERNAL_ERROR
 from aziot.bus.bus import Bus
 from aziot.bus.errors import BusError, ErrorKind, internal, invalid
 
@@ -20,7 +21,6 @@ log = logging.getLogger(__name__)
 
 WORKER = "pkcs11"
 CALL_TIMEOUT = 10.0  # seconds; the worker also fails fast once the token has hung for 5 s
-GENERIC_INVALID = "a parameter has an invalid value"
 
 # Codes after which libaziot-keys tries the next location when creating a symmetric key.
 REFUSED_CODES = frozenset({"MechanismMissing", "CreateRefused", "Unsupported"})
@@ -61,7 +61,7 @@ class TokenError(Exception):
             log.warning("%s: %s", self.what, error.message)
             return invalid(GENERIC_INVALID)
         log.error("%s: PKCS#11 error: %s", self.what, error.message)
-        return internal("internal error")
+        return internal(INTERNAL_ERROR)
 
 
 class TokenClient:

@@ -9,7 +9,7 @@ from typing import Any
 from aziot.actors.keys.actor import KeysActor
 from aziot.actors.keys.authz import KeyPrincipal
 from aziot.actors.keys.messages import Keys, Principal, ReloadPrincipals
-from aziot.actors.keys.store import FileStore
+from aziot.actors.keys.store import key_store
 from aziot.actors.keys.token_client import TokenClient, TokenError
 from aziot.api.keyd import KeydApi
 from aziot.bus.bus import Bus
@@ -76,7 +76,7 @@ def keyd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, str])
         if token is not None:
             await probe_tokens(token, token_uris(config))
         actor = KeysActor(
-            FileStore(keys_dir, faults),
+            key_store(keys_dir, faults),
             dict(config.preloaded_keys),
             [KeyPrincipal(p.uid, list(p.keys)) for p in config.principal],
             token=token,

@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from aziot.actors.texts import invalid_parameter
 from aziot.bus.errors import BusError, ErrorKind
 from aziot.bus.faults import Faults
 from aziot.bus.library_thread import LibraryThread
@@ -67,11 +68,8 @@ def to_bus_error(error: Exception) -> BusError:
     if isinstance(error, KeyNotFound):
         return BusError(ErrorKind.NOT_FOUND, str(error), code)
     if isinstance(error, MechanismMissing):
-        return BusError(
-            ErrorKind.INVALID,
-            f'parameter "mechanism" has an invalid value\ncaused by: the token does not '
-            f"support {error.mechanism}",
-            code,
+        return invalid_parameter(
+            "mechanism", f"the token does not support {error.mechanism}", code
         )
     if isinstance(error, InvalidParameter):
         return BusError(ErrorKind.INVALID, str(error), code)

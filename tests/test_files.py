@@ -1,0 +1,107 @@
+"""The shared file store (aziot.actors.files) as a second service would use it: certd's
+`certs/<alnum>-<sha256>.cer`, its own fault points, the same atomicity and directory checks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from aziot.actors.b64 import NonCanonical, decode_strict, encode
+from aziot.actors.files import FileStore, UnsafeDirectory, file_name
+from aziot.actors.keys.store import key_file_name
+from aziot.bus.errors import BusError
+from aziot.bus.faults import Faults
+
+
+def cert_store(directory: Path, faults: Faults | None = None, **options: int) -> FileStore:
+    return FileStore(
+        directory,
+        faults or Faults(),
+        extension="cer",
+        points="certs.store",
+        contents="the certificates",
+        **options,
+    )
+
+
+def test_names_are_the_originals_with_the_extension_given() -> None:
+    digest = hashlib.sha256("device-id/ü 1".encode()).hexdigest()
+    assert file_name("device-id/ü 1", "cer") == f"deviceid1-{digest}.cer"
+    assert key_file_name("device-id/ü 1") == f"deviceid1-{digest}.key"
+
+
+async def test_a_cert_store_writes_reads_renames_and_removes(tmp_path: Path) -> None:
+    store = cert_store(tmp_path / "home" / "certs")
+    store.prepare()
+    assert os.stat(tmp_path / "home").st_mode & 0o777 == 0o700
+    path = store.path_of("device-ca")
+    assert path is not None and path.name == file_name("device-ca", "cer")
+    await store.write(path, b"-----BEGIN CERTIFICATE-----\n")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert await store.read(path) == b"-----BEGIN CERTIFICATE-----\n"
+    parsed = await store.parsed(path, "lines", lambda data: data.count(b"\n"))
+    assert parsed == (b"-----BEGIN CERTIFICATE-----\n", 1)
+    other = store.path_of("device-ca-new")
+    assert other is not None
+    await store.rename(path, other)
+    assert await store.read(path) is None
+    await store.remove(other)
+    assert await store.read(other) is None
+    assert list(path.parent.iterdir()) == []
+
+
+async def test_the_cache_is_bounded_by_the_bytes_given(tmp_path: Path) -> None:
+    store = cert_store(tmp_path / "certs", cache_bytes=10_000)
+    store.prepare()
+    for number in range(20):
+        path = store.path_of(f"cert-{number}")
+        assert path is not None
+        await store.write(path, bytes(2_000))
+        assert await store.read(path) == bytes(2_000)
+        assert store.cached_bytes <= 10_000
+    assert store.cached_bytes > 0
+
+
+async def test_the_store_passes_its_own_fault_points(tmp_path: Path) -> None:
+    store = cert_store(tmp_path / "certs")
+    store.prepare()
+    path = store.path_of("c")
+    assert path is not None
+    await store.write(path, b"old")
+    # keyd's points ("store.*") do not reach another service's store; its own do.
+    await cert_store(tmp_path / "certs", Faults.from_spec("store.write=error")).write(path, b"old")
+    faults = Faults.from_spec("certs.store.write=error")
+    with pytest.raises(BusError, match="certs.store.write"):
+        await cert_store(tmp_path / "certs", faults).write(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_directory_others_can_write_is_refused_naming_what_they_could_replace(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "certs").mkdir(mode=0o700)
+    os.chmod(tmp_path / "certs", 0o777)
+    with pytest.raises(UnsafeDirectory, match="could replace the certificates"):
+        cert_store(tmp_path / "certs").prepare()
+
+
+def test_a_crash_mid_write_leaves_a_temp_file_that_prepare_sweeps(tmp_path: Path) -> None:
+    store = cert_store(tmp_path / "certs")
+    store.prepare()
+    (tmp_path / "certs" / ".abc.tmp").write_bytes(b"torn")
+    store.prepare()
+    assert list((tmp_path / "certs").iterdir()) == []
+
+
+def test_base64_is_strict_as_rusts_engine() -> None:
+    assert encode(b"\xff\x00") == "/wA="
+    assert decode_strict("/wA=") == b"\xff\x00"
+    with pytest.raises(NonCanonical):
+        decode_strict("/wB=")  # the same bytes with trailing bits set
+    for bad in ("/wA", "/w A=", "_wA="):
+        with pytest.raises(ValueError):
+            decode_strict(bad)
