@@ -6,13 +6,14 @@ where serde would stop: the end of the top-level value for shape errors.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import decimal
 import json
 import re
 from functools import partial
 from typing import Any
+
+from aziot.actors.b64 import NonCanonical, decode_strict
 
 _PY_JSON_ERROR = re.compile(r"^(?P<what>.*?): line (?P<line>\d+) column (?P<col>\d+)")
 _SERDE_WORDING = {
@@ -395,14 +396,13 @@ def decode_b64(text: str) -> bytes:
     if bad is not None:
         raise ShapeError(f"Invalid symbol {ord(bad[0])}, offset {bad.start()}.")
     try:
-        raw = base64.b64decode(text, validate=True)
-    except binascii.Error:
-        raise ShapeError("Invalid padding") from None
-    if base64.b64encode(raw).decode("ascii") != text:
+        return decode_strict(text)
+    except NonCanonical:
         raise ShapeError(
             f"Invalid last symbol {ord(text.rstrip('=')[-1])}, offset {len(text.rstrip('=')) - 1}."
-        )
-    return raw
+        ) from None
+    except binascii.Error:
+        raise ShapeError("Invalid padding") from None
 
 
 def shape_message(error: ShapeError, raw: bytes) -> str:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-
+from aziot.actors.b64 import encode as b64
 from aziot.actors.keys import messages as m
 from aziot.actors.keys.messages import Keys
 from aziot.bus.bus import Bus
@@ -17,10 +16,6 @@ USAGES = ("derive", "encrypt", "sign")
 ID = "([^/]+)"
 # Every request struct of the original is named `Request` (one per module); serde's errors say so.
 REQUEST = "struct Request"
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def caller(request: Request) -> Caller:
