@@ -1,4 +1,21 @@
-"""Run a real `aziotd` for a test: its own config, state and socket dirs, a real process."""
+"""Run a real `aziotd` for a test: its own configs, state and socket dir, a real process.
+
+`Daemon` starts any set of services in one aziotd, each from a config snippet: its config.toml
+and config.d are written under the root, `AZIOT_<NAME>_CONFIG` / `_CONFIG_DIR` point at them,
+one `AZIOT_SOCKET_DIR` holds every socket, and `start()` returns once each socket answers.
+A test that needs keyd and certd side by side (identityd's will) reads:
+
+    daemon = Daemon(root, {
+        "keyd": keyd_config,                                  # homedir under root/keyd/home
+        "certd": lambda s: f'homedir_path = "{s.home}"\n[cert_issuance]\n...',
+    }).start()
+    daemon.request("certd", "GET", "/certificates/device-ca")
+    daemon.services["keyd"].home / "keys"                     # keyd's key files
+
+A snippet is the config text, or a function of the service's `ServiceDir` when it must name its
+own paths. `Keyd` is the keyd-only convenience the keyd tests use, with its older layout
+(config.toml, config.d and home directly under its root).
+"""
 
 from __future__ import annotations
 
@@ -7,62 +24,104 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+import attrs
 
 from tests import rawhttp
 from tests.softhsm import SoftHsmToken
 
 KEYD_VERSION = "2021-05-01"
+# The api-version `request()` sends to each service: what the in-tree clients send it.
+API_VERSIONS = {
+    "keyd": KEYD_VERSION,
+    "certd": "2020-09-01",
+    "identityd": "2022-08-01",
+    "tpmd": "2020-09-01",
+}
 
 
-class Keyd:
-    """An aziotd process serving keyd from `root`; restartable with the same state."""
+@attrs.frozen
+class ServiceDir:
+    """Where one service's config, config.d and state live for a test."""
+
+    name: str  # as the outside world sees it: "keyd", "certd", ...
+    config: Path
+    config_dir: Path
+    home: Path
+    socket: Path
+
+
+Snippet = str | Callable[[ServiceDir], str]
+
+
+def keyd_config(service: ServiceDir) -> str:
+    """The least keyd runs with: keys in files under its home."""
+    return f'[aziot_keys]\nhomedir_path = "{service.home}"\n'
+
+
+# A config each service starts with, for tests that start every declared service at once.
+# A new service adds its own here beside its line in supervisor/services' SERVICES.
+MINIMAL_CONFIGS: dict[str, Snippet] = {
+    "keyd": keyd_config,
+}
+
+
+class Daemon:
+    """An aziotd process serving `services` from `root`; restartable with the same state."""
 
     def __init__(
         self,
         root: Path,
-        extra_config: str = "",
+        services: Mapping[str, Snippet],
         env: dict[str, str] | None = None,
-        top_config: str = "",
-        token: SoftHsmToken | None = None,
+        config_d: Mapping[str, Mapping[str, str]] | None = None,
     ):
+        """`config_d` gives, per service, files of its config.d by name (`"10-p.toml": text`)."""
         self.root = root
-        self.token = token
-        self.home = root / "home"
-        self.keys_dir = self.home / "keys"
-        self.config_dir = root / "config.d"
         self.socket_dir = root / "run"
-        self.socket = str(self.socket_dir / "keyd.sock")
-        self.config = root / "config.toml"
         self.log = root / "aziotd.log"
         self.env = dict(env or {})
-        if token is not None:
-            # keyd keeps keys on this token first (base slot), then in files.
-            self.env["SOFTHSM2_CONF"] = str(token.conf_path)
-            extra_config = (
-                f'pkcs11_lib_path = "{token.lib_path}"\n'
-                f'pkcs11_base_slot = "{token.uri()}"\n{extra_config}'
-            )
         self.process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
-        self.config_dir.mkdir(exist_ok=True)
-        self.config.write_text(
-            f'{top_config}[aziot_keys]\nhomedir_path = "{self.home}"\n{extra_config}'
+        self.services: dict[str, ServiceDir] = {}
+        for name, snippet in services.items():
+            service = self.layout(name)
+            service.config.parent.mkdir(parents=True, exist_ok=True)
+            service.config_dir.mkdir(parents=True, exist_ok=True)
+            text = snippet if isinstance(snippet, str) else snippet(service)
+            service.config.write_text(text)
+            for file_name, content in (config_d or {}).get(name, {}).items():
+                (service.config_dir / file_name).write_text(content)
+            self.services[name] = service
+
+    def layout(self, name: str) -> ServiceDir:
+        """Each service in a folder of its own; the sockets together, as under /run/aziot."""
+        folder = self.root / name
+        return ServiceDir(
+            name,
+            config=folder / "config.toml",
+            config_dir=folder / "config.d",
+            home=folder / "home",
+            socket=self.socket_dir / f"{name}.sock",
         )
 
     def environ(self) -> dict[str, str]:
         environ = dict(os.environ)
-        environ.update(
-            AZIOT_KEYD_CONFIG=str(self.config),
-            AZIOT_KEYD_CONFIG_DIR=str(self.config_dir),
-            AZIOT_SOCKET_DIR=str(self.socket_dir),
-            AZIOT_LOG_LEVEL="debug",
-        )
+        # Only the services given: a developer's own AZIOT_CERTD_CONFIG must not add one.
+        for name in API_VERSIONS:
+            environ.pop(f"AZIOT_{name.upper()}_CONFIG", None)
+            environ.pop(f"AZIOT_{name.upper()}_CONFIG_DIR", None)
+        for name, service in self.services.items():
+            environ[f"AZIOT_{name.upper()}_CONFIG"] = str(service.config)
+            environ[f"AZIOT_{name.upper()}_CONFIG_DIR"] = str(service.config_dir)
+        environ.update(AZIOT_SOCKET_DIR=str(self.socket_dir), AZIOT_LOG_LEVEL="debug")
         environ.update(self.env)
         return environ
 
-    def start(self, wait: bool = True) -> Keyd:
+    def start(self, wait: bool = True) -> Self:
         assert self.process is None
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -76,19 +135,36 @@ class Keyd:
             self.wait_ready()
         return self
 
+    def answers(self, socket: Path) -> bool:
+        """Whether a service answers on `socket`: the 400 every service gives a request without
+        an api-version (spec/api.md §1.3), checked before any route, so no state is touched."""
+        try:
+            return rawhttp.request(str(socket), "GET", "/nothing").status == 400
+        except OSError:
+            return False
+
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
+        waiting = [service.socket for service in self.services.values()]
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"aziotd exited with {self.process.returncode}:\n{self.logs()}")
-            try:
-                reply = rawhttp.request(self.socket, "GET", "/nothing")
-                if reply.status == 400:
-                    return
-            except OSError:
-                pass
+            waiting = [socket for socket in waiting if not self.answers(socket)]
+            if not waiting:
+                return
             time.sleep(0.02)
-        raise TimeoutError(f"aziotd did not answer within {timeout} s:\n{self.logs()}")
+        names = ", ".join(str(socket) for socket in waiting)
+        raise TimeoutError(f"aziotd did not answer on {names} within {timeout} s:\n{self.logs()}")
+
+    def serving(self) -> dict[str, Path]:
+        """The sockets in the socket dir that answer, by service name (`keyd.sock` is keyd)."""
+        if not self.socket_dir.is_dir():
+            return {}
+        return {
+            path.stem: path
+            for path in sorted(self.socket_dir.glob("*.sock"))
+            if self.answers(path)
+        }
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         assert self.process is not None
@@ -105,10 +181,60 @@ class Keyd:
     def logs(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def request(
+        self, service: str, method: str, path: str, body: Any = None, **options: Any
+    ) -> rawhttp.Reply:
+        """One request to `service` with the api-version its clients send, unless `path` has one."""
+        if "api-version=" not in path:
+            sep = "&" if "?" in path else "?"
+            path = f"{path}{sep}api-version={API_VERSIONS[service]}"
+        return rawhttp.request(str(self.services[service].socket), method, path, body, **options)
+
+
+class Keyd(Daemon):
+    """An aziotd process serving keyd alone from `root`; restartable with the same state."""
+
+    def __init__(
+        self,
+        root: Path,
+        extra_config: str = "",
+        env: dict[str, str] | None = None,
+        top_config: str = "",
+        token: SoftHsmToken | None = None,
+    ):
+        self.token = token
+        env = dict(env or {})
+        if token is not None:
+            # keyd keeps keys on this token first (base slot), then in files.
+            env["SOFTHSM2_CONF"] = str(token.conf_path)
+            extra_config = (
+                f'pkcs11_lib_path = "{token.lib_path}"\n'
+                f'pkcs11_base_slot = "{token.uri()}"\n{extra_config}'
+            )
+
+        def config(service: ServiceDir) -> str:
+            return f"{top_config}{keyd_config(service)}{extra_config}"
+
+        super().__init__(root, {"keyd": config}, env)
+        keyd = self.services["keyd"]
+        self.home = keyd.home
+        self.keys_dir = keyd.home / "keys"
+        self.config = keyd.config
+        self.config_dir = keyd.config_dir
+        self.socket = str(keyd.socket)
+
+    def layout(self, name: str) -> ServiceDir:
+        # The layout the keyd tests were written against: everything directly under the root.
+        return ServiceDir(
+            name,
+            config=self.root / "config.toml",
+            config_dir=self.root / "config.d",
+            home=self.root / "home",
+            socket=self.socket_dir / f"{name}.sock",
+        )
+
     def call(self, method: str, path: str, body: Any = None, **options: Any) -> rawhttp.Reply:
-        sep = "&" if "?" in path else "?"
-        target = f"{path}{sep}api-version={KEYD_VERSION}"
-        return rawhttp.request(self.socket, method, target, body, **options)
+        return self.request("keyd", method, path, body, **options)
 
     def snapshot(self) -> dict[str, Any]:
         """Every file under the key store with its bytes, and the token's objects if any."""
