@@ -22,11 +22,13 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from aziot.actors.keys.pkcs11.protocol import HmacSha256, Pkcs11, SignEcdsa  # noqa: E402
 from aziot.actors.keys.pkcs11.token import Pkcs11Library  # noqa: E402
 from aziot.actors.keys.pkcs11.worker import Pkcs11Worker, TokenThread  # noqa: E402
 from aziot.bus.actor import serve_actor  # noqa: E402
 from aziot.bus.bus import Bus  # noqa: E402
 from aziot.bus.faults import Faults  # noqa: E402
+from aziot.bus.protocol import Caller, Client  # noqa: E402
 from aziot.config.pkcs11_uri import Pkcs11Uri  # noqa: E402
 from bench.keyd_bench import post, rss_mib  # noqa: E402
 from bench.load import run  # noqa: E402
@@ -54,16 +56,17 @@ async def worker_rate(lib_path: str, uri: str, op: str, seconds: float, callers:
     bus = Bus()
     thread = TokenThread(lib_path, Faults())
     count = 0
-    args = (
-        ("sign_ecdsa", {"label": "bench-ec", "digest": DIGEST})
+    pkcs11 = Client(bus, Pkcs11, Caller(service="bench"))
+    operation, request = (
+        (Pkcs11.sign_ecdsa, SignEcdsa(uri, "bench-ec", DIGEST))
         if op == "ECDSA"
-        else ("hmac_sha256", {"label": "bench-hmac", "message": MESSAGE})
+        else (Pkcs11.hmac_sha256, HmacSha256(uri, "bench-hmac", MESSAGE))
     )
 
     async def caller(stop: float) -> None:
         nonlocal count
         while time.perf_counter() < stop:
-            await bus.request("pkcs11", args[0], {"uri": uri, **args[1]})
+            await pkcs11.call(operation, request)
             count += 1
 
     async with trio.open_nursery() as nursery:

@@ -17,7 +17,7 @@ import trio
 
 from aziot.actors.texts import GENERIC_INVALID
 from aziot.bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
-from aziot.bus.protocol import NOTHING, Caller, Nothing, dispatcher
+from aziot.bus.protocol import NOTHING, Caller, Nothing, Operation, dispatcher
 
 from . import filecrypto
 from .authz import KeyAuthorizer, KeyPrincipal
@@ -55,6 +55,7 @@ from .messages import (
     Sign,
     Signature,
 )
+from .pkcs11.protocol import Pkcs11, PublicParameters
 from .store import FileStore
 from .token_client import TokenClient, TokenError
 
@@ -104,21 +105,26 @@ class Pair:
     result: Any = None
 
 
-def token_parameter(params: dict[str, Any], name: str) -> bytes | str:
+def token_parameter(params: PublicParameters, name: str) -> bytes | str:
     """`/parameters/{name}` of a key pair on a token, with the file keys' rules."""
-    algorithm = params["algorithm"]
+    algorithm = params.algorithm
     if name == "algorithm":
         return str(algorithm)
     if name in ("ec-curve-oid", "ec-point"):
         if algorithm != "ECDSA":
             raise bad_parameter(f"{name} asked of a non-EC key")
-        if params.get("curve_oid") != filecrypto.P256_OID_DER:
+        if params.curve_oid != filecrypto.P256_OID_DER:
             raise bad_parameter("only P-256 curves are supported")
-        return filecrypto.P256_OID_DER if name == "ec-curve-oid" else params["ec_point"]
+        if name == "ec-curve-oid":
+            return filecrypto.P256_OID_DER
+        assert params.ec_point is not None
+        return params.ec_point
     if name in ("rsa-modulus", "rsa-exponent"):
         if algorithm != "RSA":
             raise bad_parameter(f"{name} asked of a non-RSA key")
-        return params["modulus" if name == "rsa-modulus" else "exponent"]
+        value = params.modulus if name == "rsa-modulus" else params.exponent
+        assert value is not None
+        return value
     raise bad_parameter(f"unknown parameter {name!r}")
 
 
@@ -268,7 +274,7 @@ class KeysActor:
         def on_token(where: TokenLocation, result: Any) -> Secret:
             return Secret(token=where, result=result)
 
-        return await self._search(key_id, creating, use, from_file, "find_secret", on_token)
+        return await self._search(key_id, creating, use, from_file, Pkcs11.find_secret, on_token)
 
     async def _find_key_pair(
         self, key_id: str, *, creating: bool = False, use: TokenUse | None = None
@@ -288,7 +294,7 @@ class KeysActor:
         def on_token(where: TokenLocation, result: Any) -> Pair:
             return Pair(token=where, result=result)
 
-        return await self._search(key_id, creating, use, from_file, "find_key_pair", on_token)
+        return await self._search(key_id, creating, use, from_file, Pkcs11.find_key_pair, on_token)
 
     async def _search(
         self,
@@ -296,7 +302,7 @@ class KeysActor:
         creating: bool,
         use: TokenUse | None,
         from_file: Callable[[FileLocation], Awaitable[Found | None]],
-        find_op: str,
+        find_op: Operation[Any, Any],
         on_token: Callable[[TokenLocation, Any], Found],
     ) -> Found | None:
         unreachable: TokenError | None = None
@@ -333,7 +339,7 @@ class KeysActor:
             raise bad_parameter(f"key pair {key_id} not found")
         return found
 
-    def _on_token(self, op: str, **args: Any) -> TokenUse:
+    def _on_token(self, op: Operation[Any, Any], **args: Any) -> TokenUse:
         async def use(where: TokenLocation) -> Any:
             return await self._need_token().call(op, where, **args)
 
@@ -355,7 +361,7 @@ class KeysActor:
 
     async def _hmac_with(self, key_id: str, message: bytes) -> bytes:
         """HMAC-SHA256 with symmetric key `key_id`, by the token if it is there."""
-        secret = await self._secret(key_id, self._on_token("hmac_sha256", message=message))
+        secret = await self._secret(key_id, self._on_token(Pkcs11.hmac_sha256, message=message))
         if secret.token is not None:
             return bytes(secret.result)
         return await filecrypto.sized(len(message), filecrypto.hmac_sha256, secret.data, message)
@@ -393,9 +399,9 @@ class KeysActor:
             token = self._need_token()
             try:
                 if key_bytes is None:
-                    await token.call("generate_secret", where, usage=usage)
+                    await token.call(Pkcs11.generate_secret, where, usage=usage)
                 else:
-                    await token.call("import_secret", where, key_bytes=key_bytes, usage=usage)
+                    await token.call(Pkcs11.import_secret, where, key_bytes=key_bytes, usage=usage)
                 return where.describe()
             except TokenError as error:
                 # As libaziot-keys: a token that cannot make such a key passes to the next
@@ -433,7 +439,7 @@ class KeysActor:
                     used = algorithms[0]
                 else:
                     used = await self._need_token().call(
-                        "generate_key_pair", where, algorithms=algorithms
+                        Pkcs11.generate_key_pair, where, algorithms=algorithms
                     )
                 log.info(
                     "created %s key pair %s in %s (%s)",
@@ -493,7 +499,7 @@ class KeysActor:
                 if isinstance(where, FileLocation):
                     await self._store.remove(where.path)
                 else:
-                    await self._need_token().call("delete", where, kind=token_kind)
+                    await self._need_token().call(Pkcs11.delete, where, kind=token_kind)
         log.info("deleted %s %s", noun, ref.key_id)
 
     async def delete_key(self, msg: DeleteKey, caller: Caller) -> Nothing:
@@ -507,7 +513,7 @@ class KeysActor:
     async def get_parameter(self, msg: GetParameter, caller: Caller) -> Parameter:
         sealer = await self._handle_sealer()
         ref = await sealer.base_of(await sealer.open(msg.handle))
-        pair = await self._key_pair(ref.key_id, self._on_token("public_parameters"))
+        pair = await self._key_pair(ref.key_id, self._on_token(Pkcs11.public_parameters))
         if pair.token is not None:
             return Parameter(token_parameter(pair.result, msg.name))
         assert pair.key is not None
@@ -531,7 +537,9 @@ class KeysActor:
     async def sign(self, msg: Sign, caller: Caller) -> Signature:
         ref = await self._open(msg.handle)
         if ref.kind == "KeyPair" and msg.algorithm == "ECDSA":
-            pair = await self._key_pair(ref.key_id, self._on_token("sign_ecdsa", digest=msg.data))
+            pair = await self._key_pair(
+                ref.key_id, self._on_token(Pkcs11.sign_ecdsa, digest=msg.data)
+            )
             if pair.token is not None:
                 return Signature(pair.result)
             if not isinstance(pair.key, filecrypto.ec.EllipticCurvePrivateKey):
@@ -552,7 +560,7 @@ class KeysActor:
                 key = await self._derived_key(ref)
             else:
                 use = self._on_token(
-                    "aes_gcm_encrypt", iv=msg.iv, aad=msg.aad, plaintext=msg.plaintext
+                    Pkcs11.aes_gcm_encrypt, iv=msg.iv, aad=msg.aad, plaintext=msg.plaintext
                 )
                 secret = await self._secret(ref.key_id, use)
                 if secret.token is not None:
@@ -565,7 +573,7 @@ class KeysActor:
             return Ciphertext(sealed)
         if ref.kind == "KeyPair" and msg.algorithm in ("RSA-PKCS1", "RSA-NO-PADDING"):
             padding = "pkcs1" if msg.algorithm == "RSA-PKCS1" else "none"
-            use = self._on_token("rsa_private", data=msg.plaintext, padding=padding)
+            use = self._on_token(Pkcs11.rsa_private, data=msg.plaintext, padding=padding)
             pair = await self._key_pair(ref.key_id, use)
             if pair.token is not None:
                 return Ciphertext(pair.result)
@@ -592,7 +600,7 @@ class KeysActor:
                 if msg.ciphertext[0] != 2:
                     raise bad_parameter(f"unknown ciphertext version {msg.ciphertext[0]}")
                 return await self._need_token().call(
-                    "aes_gcm_decrypt",
+                    Pkcs11.aes_gcm_decrypt,
                     where,
                     iv=msg.iv,
                     aad=msg.aad,

@@ -9,17 +9,19 @@ missing key or an unusable request becomes the generic 400, a token failure the 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from aziot.actors.texts import GENERIC_INVALID, INTERNAL_ERROR
 from aziot.bus.bus import Bus
 from aziot.bus.errors import BusError, ErrorKind, internal, invalid
+from aziot.bus.protocol import Caller, Client, Operation
 
 from .locations import TokenLocation
+from .pkcs11.protocol import Mechanisms, MoveKeyPair, Pkcs11
 
 log = logging.getLogger(__name__)
 
-WORKER = "pkcs11"
+R = TypeVar("R")
 CALL_TIMEOUT = 10.0  # seconds; the worker also fails fast once the token has hung for 5 s
 
 # Codes after which libaziot-keys tries the next location when creating a symmetric key.
@@ -68,32 +70,39 @@ class TokenClient:
     """Calls to the PKCS#11 worker actor for one keyd."""
 
     def __init__(self, bus: Bus) -> None:
-        self._bus = bus
+        self._pkcs11 = Client(bus, Pkcs11, Caller(service="keyd"))
 
-    async def call(self, op: str, where: TokenLocation, **args: Any) -> Any:
-        what = f"{op} of {where.describe()}"
-        try:
-            return await self._bus.request(
-                WORKER, op, {"uri": where.uri, "label": where.label, **args}, timeout=CALL_TIMEOUT
-            )
-        except BusError as error:
-            raise TokenError(error, what) from None
+    async def call(
+        self, operation: Operation[Any, Any], where: TokenLocation, **fields: Any
+    ) -> Any:
+        """`operation` on the object at `where`; the value of its reply."""
+        request = operation.request(uri=where.uri, label=where.label, **fields)
+        reply = await self._ask(operation, request, f"{operation.name} of {where.describe()}")
+        return reply.value
 
     async def hmac(self, where: TokenLocation, message: bytes) -> bytes:
-        return bytes(await self.call("hmac_sha256", where, message=message))
+        return bytes(await self.call(Pkcs11.hmac_sha256, where, message=message))
 
     async def mechanisms(self, uri: str, timeout: float = CALL_TIMEOUT) -> list[str]:
-        try:
-            return list(
-                await self._bus.request(WORKER, "mechanisms", {"uri": uri}, timeout=timeout)
-            )
-        except BusError as error:
-            raise TokenError(error, "listing the token's mechanisms") from None
+        reply = await self._ask(
+            Pkcs11.mechanisms, Mechanisms(uri), "listing the token's mechanisms", timeout
+        )
+        return list(reply.value)
 
     async def move_key_pair(self, source: TokenLocation, to_label: str) -> None:
-        what = f"moving {source.describe()} to {to_label!r}"
-        args = {"uri": source.uri, "from_label": source.label, "to_label": to_label}
+        request = MoveKeyPair(source.uri, source.label, to_label)
+        await self._ask(
+            Pkcs11.move_key_pair, request, f"moving {source.describe()} to {to_label!r}"
+        )
+
+    async def _ask(
+        self,
+        operation: Operation[Any, R],
+        request: Any,
+        what: str,
+        timeout: float = CALL_TIMEOUT,
+    ) -> R:
         try:
-            await self._bus.request(WORKER, "move_key_pair", args, timeout=CALL_TIMEOUT)
+            return await self._pkcs11.call(operation, request, timeout=timeout)
         except BusError as error:
             raise TokenError(error, what) from None

@@ -1,16 +1,18 @@
 """The PKCS#11 worker actor: one OS thread owns the library; the trio loop never blocks on it.
 
 python-pkcs11 calls C_Initialize without OS locking, so SoftHSM (and many tokens) are only safe
-from one thread. Every call is a bus request `{op: <method>, args: {uri, ...}}` run in order on
-that thread. A token that hangs holds up only token work: each caller gives up at its deadline
-with `timeout`, and the keys actor keeps serving file keys.
+from one thread. Every call is an operation of `protocol.Pkcs11`, served by the method of its
+name here, which runs the library method of that name on that thread, in order. A token that
+hangs holds up only token work: each caller gives up at its deadline with `timeout`, and the
+keys actor keeps serving file keys.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
 
@@ -18,38 +20,48 @@ from aziot.actors.texts import invalid_parameter
 from aziot.bus.errors import BusError, ErrorKind
 from aziot.bus.faults import Faults
 from aziot.bus.library_thread import LibraryThread
+from aziot.bus.protocol import NOTHING, Caller, Nothing, dispatcher
 from aziot.config.pkcs11_uri import Pkcs11Uri
 
+from .protocol import (
+    AesGcmDecrypt,
+    AesGcmEncrypt,
+    Count,
+    Delete,
+    FindKeyPair,
+    FindSecret,
+    Found,
+    GenerateKeyPair,
+    GenerateSecret,
+    HmacSha256,
+    ImportSecret,
+    Kind,
+    Mechanisms,
+    MoveKeyPair,
+    Names,
+    Output,
+    Pkcs11,
+    Public,
+    PublicParameters,
+    PublicParametersOf,
+    RsaPrivate,
+    SignEcdsa,
+)
 from .token import (
     InvalidParameter,
     KeyNotFound,
     MechanismMissing,
+    ObjectKind,
     Pkcs11Error,
     Pkcs11Library,
+    RsaPadding,
     TokenUnavailable,
 )
 
 log = logging.getLogger(__name__)
 
-# The token operations callers may ask for, by name: nothing else of the library is reachable.
-OPERATIONS = frozenset(
-    {
-        "mechanisms",
-        "find_key_pair",
-        "find_secret",
-        "public_parameters",
-        "generate_key_pair",
-        "generate_secret",
-        "import_secret",
-        "delete",
-        "move_key_pair",
-        "sign_ecdsa",
-        "hmac_sha256",
-        "aes_gcm_encrypt",
-        "aes_gcm_decrypt",
-        "rsa_private",
-    }
-)
+T = TypeVar("T")
+
 # A call running this long means the token hangs: later calls fail at once instead of queueing
 # behind it, so callers with somewhere else to look (file keys) are not held up.
 HUNG_AFTER = 5.0
@@ -68,9 +80,7 @@ def to_bus_error(error: Exception) -> BusError:
     if isinstance(error, KeyNotFound):
         return BusError(ErrorKind.NOT_FOUND, str(error), code)
     if isinstance(error, MechanismMissing):
-        return invalid_parameter(
-            "mechanism", f"the token does not support {error.mechanism}", code
-        )
+        return invalid_parameter("mechanism", f"the token does not support {error.mechanism}", code)
     if isinstance(error, InvalidParameter):
         return BusError(ErrorKind.INVALID, str(error), code)
     if isinstance(error, TokenUnavailable):
@@ -92,14 +102,13 @@ class TokenThread(LibraryThread[Pkcs11Library]):
 
 
 class Pkcs11Worker:
-    """The bus-facing side: decodes a request, queues it for the thread, awaits the result."""
+    """The bus-facing side: each operation queued for the thread, its result awaited."""
 
     def __init__(self, thread: TokenThread) -> None:
         self._thread = thread
+        self._dispatch = dispatcher(Pkcs11, self)
 
-    async def handle(self, op: str, args: dict[str, Any], caller: Any = None) -> Any:
-        if op not in OPERATIONS:
-            raise BusError(ErrorKind.INVALID, f"unknown PKCS#11 operation {op!r}")
+    async def handle(self, op: str, args: dict[str, Any], caller: list[Any] | None) -> Any:
         busy_since = self._thread.busy_since
         if busy_since is not None and time.monotonic() - busy_since > HUNG_AFTER:
             raise BusError(
@@ -108,24 +117,90 @@ class Pkcs11Worker:
                 f"{time.monotonic() - busy_since:.0f} s",
                 "TokenUnavailable",
             )
+        return await self._dispatch(op, args, caller)
+
+    async def _run(self, uri: str, call: Callable[[Pkcs11Library, Pkcs11Uri], T]) -> T:
         try:
-            uri = Pkcs11Uri.parse(args.pop("uri"))
-        except (KeyError, ValueError) as error:
+            where = Pkcs11Uri.parse(uri)
+        except ValueError as error:
             raise BusError(ErrorKind.INVALID, f"bad PKCS#11 URI: {error}") from None
         try:
-            # The actor loop cancels this at the request's deadline; a job still queued then
-            # is skipped, so a token that was slow does not later make writes nobody awaits.
-            value = await self._thread.run(lambda library: getattr(library, op)(uri, **args))
+            # Cancelled at the request's deadline; a job still queued then is skipped, so a
+            # token that was slow does not later make writes nobody awaits.
+            return await self._thread.run(lambda library: call(library, where))
         except Exception as error:
             raise to_bus_error(error) from None
-        return _wire(value)
+
+    async def mechanisms(self, r: Mechanisms, caller: Caller) -> Names:
+        return Names(await self._run(r.uri, lambda lib, at: lib.mechanisms(at)))
+
+    async def find_key_pair(self, r: FindKeyPair, caller: Caller) -> Found:
+        return Found(await self._run(r.uri, lambda lib, at: lib.find_key_pair(at, r.label)))
+
+    async def find_secret(self, r: FindSecret, caller: Caller) -> Found:
+        return Found(await self._run(r.uri, lambda lib, at: lib.find_secret(at, r.label)))
+
+    async def public_parameters(self, r: PublicParametersOf, caller: Caller) -> Public:
+        found = await self._run(r.uri, lambda lib, at: lib.public_parameters(at, r.label))
+        return Public(PublicParameters(**attrs.asdict(found)))
+
+    async def generate_key_pair(self, r: GenerateKeyPair, caller: Caller) -> Kind:
+        return Kind(
+            await self._run(r.uri, lambda lib, at: lib.generate_key_pair(at, r.label, r.algorithms))
+        )
+
+    async def generate_secret(self, r: GenerateSecret, caller: Caller) -> Kind:
+        return Kind(
+            await self._run(r.uri, lambda lib, at: lib.generate_secret(at, r.label, r.usage))
+        )
+
+    async def import_secret(self, r: ImportSecret, caller: Caller) -> Kind:
+        return Kind(
+            await self._run(
+                r.uri, lambda lib, at: lib.import_secret(at, r.label, r.key_bytes, r.usage)
+            )
+        )
+
+    async def delete(self, r: Delete, caller: Caller) -> Count:
+        if r.kind not in ("key_pair", "secret"):
+            raise BusError(ErrorKind.INVALID, f"unknown object kind {r.kind!r}")
+        kind: ObjectKind = "key_pair" if r.kind == "key_pair" else "secret"
+        return Count(await self._run(r.uri, lambda lib, at: lib.delete(at, r.label, kind)))
+
+    async def move_key_pair(self, r: MoveKeyPair, caller: Caller) -> Nothing:
+        await self._run(r.uri, lambda lib, at: lib.move_key_pair(at, r.from_label, r.to_label))
+        return NOTHING
+
+    async def sign_ecdsa(self, r: SignEcdsa, caller: Caller) -> Output:
+        return Output(await self._run(r.uri, lambda lib, at: lib.sign_ecdsa(at, r.label, r.digest)))
+
+    async def hmac_sha256(self, r: HmacSha256, caller: Caller) -> Output:
+        return Output(
+            await self._run(r.uri, lambda lib, at: lib.hmac_sha256(at, r.label, r.message))
+        )
+
+    async def aes_gcm_encrypt(self, r: AesGcmEncrypt, caller: Caller) -> Output:
+        return Output(
+            await self._run(
+                r.uri, lambda lib, at: lib.aes_gcm_encrypt(at, r.label, r.iv, r.aad, r.plaintext)
+            )
+        )
+
+    async def aes_gcm_decrypt(self, r: AesGcmDecrypt, caller: Caller) -> Output:
+        return Output(
+            await self._run(
+                r.uri,
+                lambda lib, at: lib.aes_gcm_decrypt(at, r.label, r.iv, r.aad, r.ciphertext_and_tag),
+            )
+        )
+
+    async def rsa_private(self, r: RsaPrivate, caller: Caller) -> Output:
+        if r.padding not in ("pkcs1", "none"):
+            raise BusError(ErrorKind.INVALID, f"unknown RSA padding {r.padding!r}")
+        padding: RsaPadding = "pkcs1" if r.padding == "pkcs1" else "none"
+        return Output(
+            await self._run(r.uri, lambda lib, at: lib.rsa_private(at, r.label, r.data, padding))
+        )
 
     def stop(self) -> None:
         self._thread.stop()
-
-
-def _wire(value: Any) -> Any:
-    """Results as plain msgpack-able values (PublicParameters becomes a map)."""
-    if attrs.has(type(value)):
-        return {k: v for k, v in attrs.asdict(value).items() if v is not None}
-    return value
