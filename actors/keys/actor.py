@@ -55,7 +55,7 @@ from .messages import (
     Sign,
     Signature,
 )
-from .pkcs11.protocol import Pkcs11, PublicParameters
+from .pkcs11.protocol import Pkcs11, PublicParameters, TokenErrorCode
 from .store import FileStore
 from .token_client import TokenClient, TokenError
 
@@ -410,7 +410,7 @@ class KeysActor:
                     raise
                 log.warning("%s; trying the next location", error)
                 refused = error
-        if refused is not None and refused.error.code == "MechanismMissing":
+        if refused is not None and refused.error.code == TokenErrorCode.MECHANISM_MISSING:
             raise refused
         raise external(f"no location could take the symmetric key {key_id}")
 

@@ -17,7 +17,7 @@ from aziot.bus.errors import BusError, ErrorKind, internal, invalid
 from aziot.bus.protocol import Caller, Client, Operation
 
 from .locations import TokenLocation
-from .pkcs11.protocol import Mechanisms, MoveKeyPair, Pkcs11
+from .pkcs11.protocol import Mechanisms, MoveKeyPair, Pkcs11, TokenErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,13 @@ R = TypeVar("R")
 CALL_TIMEOUT = 10.0  # seconds; the worker also fails fast once the token has hung for 5 s
 
 # Codes after which libaziot-keys tries the next location when creating a symmetric key.
-REFUSED_CODES = frozenset({"MechanismMissing", "CreateRefused", "Unsupported"})
+REFUSED_CODES = frozenset(
+    {
+        TokenErrorCode.MECHANISM_MISSING,
+        TokenErrorCode.CREATE_REFUSED,
+        TokenErrorCode.UNSUPPORTED,
+    }
+)
 # Codes that say nothing about the key, only that the token cannot be asked right now.
 UNREACHABLE_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.TIMEOUT})
 
@@ -56,7 +62,7 @@ class TokenError(Exception):
         if error.kind in UNREACHABLE_KINDS:
             log.error("%s: the PKCS#11 token is unreachable: %s", self.what, error.message)
             return BusError(error.kind, f"the PKCS#11 token is unavailable: {error.message}")
-        if error.code == "MechanismMissing":
+        if error.code == TokenErrorCode.MECHANISM_MISSING:
             log.warning("%s: %s", self.what, error.message.replace("\n", " "))
             return error
         if error.kind in (ErrorKind.INVALID, ErrorKind.NOT_FOUND):

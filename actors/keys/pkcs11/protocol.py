@@ -8,6 +8,8 @@ python-pkcs11: the keys actor uses it whether or not a token is configured.
 
 from __future__ import annotations
 
+import enum
+
 import attrs
 
 from aziot.bus.protocol import Nothing, Operation, Protocol
@@ -110,6 +112,19 @@ class RsaPrivate:
     label: str
     data: bytes
     padding: str  # "pkcs1" or "none"
+
+
+class TokenErrorCode(enum.StrEnum):
+    """What a token error means to the keys actor, beside its kind (`BusError.code`)."""
+
+    KEY_NOT_FOUND = "KeyNotFound"
+    MECHANISM_MISSING = "MechanismMissing"  # the token lacks the mechanism: 400 naming it
+    CREATE_REFUSED = "CreateRefused"  # the token cannot make such a key: try the next place
+    UNSUPPORTED = "Unsupported"  # CKR_FUNCTION_NOT_SUPPORTED / CKR_MECHANISM_INVALID
+    INVALID = "InvalidParameter"
+    KEY_EXISTS = "KeyExists"
+    UNAVAILABLE = "TokenUnavailable"  # cannot be reached now: 503, file keys still served
+    FAILED = "Pkcs11Error"
 
 
 # -- replies ---------------------------------------------------------------------------------

@@ -46,9 +46,12 @@ from .protocol import (
     PublicParametersOf,
     RsaPrivate,
     SignEcdsa,
+    TokenErrorCode,
 )
 from .token import (
+    CreateRefused,
     InvalidParameter,
+    KeyExists,
     KeyNotFound,
     MechanismMissing,
     ObjectKind,
@@ -71,23 +74,28 @@ _UNSUPPORTED_CKRS = frozenset({"CKR_FUNCTION_NOT_SUPPORTED", "CKR_MECHANISM_INVA
 
 
 def to_bus_error(error: Exception) -> BusError:
-    """Token errors as bus errors that keep the token's own words (lessons row 2).
-
-    The code is the error's class name, so the keys actor can tell a missing key from a token
-    that cannot make that kind of key, or one that cannot be reached at all.
-    """
-    code = type(error).__name__
+    """Token errors as bus errors that keep the token's own words (lessons row 2), with a
+    `TokenErrorCode` so the keys actor can tell a missing key from a token that cannot make
+    that kind of key, or one that cannot be reached at all."""
     if isinstance(error, KeyNotFound):
-        return BusError(ErrorKind.NOT_FOUND, str(error), code)
+        return BusError(ErrorKind.NOT_FOUND, str(error), TokenErrorCode.KEY_NOT_FOUND)
     if isinstance(error, MechanismMissing):
-        return invalid_parameter("mechanism", f"the token does not support {error.mechanism}", code)
+        return invalid_parameter(
+            "mechanism",
+            f"the token does not support {error.mechanism}",
+            TokenErrorCode.MECHANISM_MISSING,
+        )
+    if isinstance(error, KeyExists):
+        return BusError(ErrorKind.INVALID, str(error), TokenErrorCode.KEY_EXISTS)
     if isinstance(error, InvalidParameter):
-        return BusError(ErrorKind.INVALID, str(error), code)
+        return BusError(ErrorKind.INVALID, str(error), TokenErrorCode.INVALID)
     if isinstance(error, TokenUnavailable):
-        return BusError(ErrorKind.UNAVAILABLE, str(error), code)
+        return BusError(ErrorKind.UNAVAILABLE, str(error), TokenErrorCode.UNAVAILABLE)
+    if isinstance(error, CreateRefused):
+        return BusError(ErrorKind.INTERNAL, str(error), TokenErrorCode.CREATE_REFUSED)
     if isinstance(error, Pkcs11Error) and error.ckr in _UNSUPPORTED_CKRS:
-        code = "Unsupported"
-    return BusError(ErrorKind.INTERNAL, str(error), code)
+        return BusError(ErrorKind.INTERNAL, str(error), TokenErrorCode.UNSUPPORTED)
+    return BusError(ErrorKind.INTERNAL, str(error), TokenErrorCode.FAILED)
 
 
 class TokenThread(LibraryThread[Pkcs11Library]):
@@ -115,7 +123,7 @@ class Pkcs11Worker:
                 ErrorKind.UNAVAILABLE,
                 f"the PKCS#11 token has not answered a call for "
                 f"{time.monotonic() - busy_since:.0f} s",
-                "TokenUnavailable",
+                TokenErrorCode.UNAVAILABLE,
             )
         return await self._dispatch(op, args, caller)
 
