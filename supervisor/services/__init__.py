@@ -1,7 +1,11 @@
 """The services aziotd can run, one declaration each, in start order.
 
 Adding a service is its folders (`actors/<name>/`, `api/<name>d.py`, `config/<name>d.py`), its
-declaration here beside keyd's, and one line in `SERVICES`.
+declaration here beside keyd's, and one line in `SERVICES`. What every service needs is shared
+under `actors/`: `files` (the atomic store, `<alnum>-<sha256>.<ext>` names), `principals`,
+`texts` (the original's error texts), `b64`, `offload` (worker threads). Its tests start it with
+`tests/daemon.py`'s `Daemon`, and its least config goes into `MINIMAL_CONFIGS` there so that one
+test runs every declared service in one aziotd.
 """
 
 from __future__ import annotations
