@@ -125,9 +125,12 @@ async def serve_actor(
     it dies. Requests reach it directly while it runs; those queued in its mailbox while it
     was (re)starting are served from there."""
     endpoint = _Endpoint(name, handler, faults, max_in_flight)
+    queued: set[int] = set()  # mailbox requests being served, answered `unavailable` on exit
 
     async def serve_queued(message: dict[str, Any]) -> None:
+        queued.add(message["id"])
         reply = await endpoint.call(codec.encode(message))
+        queued.discard(message["id"])
         if reply is not None:  # else its caller has already been told `timeout`
             bus.reply(codec.encode({**reply, "id": message["id"]}))
 
@@ -151,3 +154,5 @@ async def serve_actor(
     finally:
         bus.detach(name, endpoint)
         endpoint.stop()
+        for request_id in queued:
+            bus.reply(codec.encode({"id": request_id, **_unavailable(name)}))

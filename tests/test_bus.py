@@ -179,3 +179,32 @@ async def test_a_busy_actor_pushes_back_on_direct_callers() -> None:
         echo.release.set()
         assert await bus.request("echo", "echo", {"after": 1}) == {"after": 1}
         nursery.cancel_scope.cancel()
+
+
+async def test_a_request_from_the_mailbox_gets_unavailable_when_the_actor_crashes() -> None:
+    """Requests sent while the actor was (re)starting wait in its mailbox and are served from
+    there; a crash meanwhile answers them `unavailable`, as it does the direct ones."""
+    bus = Bus()
+    echo = Echo()
+    inbox = bus.open_mailbox("echo")
+    results: list[Any] = []
+
+    async def queued_caller() -> None:
+        try:
+            await bus.request("echo", "wait", timeout=5)
+        except BusError as error:
+            results.append(error.kind)
+
+    with pytest.RaisesGroup(ActorCrashed):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queued_caller)
+            await trio.testing.wait_all_tasks_blocked()  # it sits in the mailbox: no actor yet
+            await nursery.start(serve_actor, bus, "echo", echo, inbox, Faults())
+            await trio.testing.wait_all_tasks_blocked()  # now being served from the mailbox
+            with trio.fail_after(2), pytest.raises(BusError) as caught:
+                await bus.request("echo", "crash")
+            assert caught.value.kind is ErrorKind.UNAVAILABLE
+            with trio.fail_after(2):
+                while not results:
+                    await trio.sleep(0.01)
+    assert results == [ErrorKind.UNAVAILABLE]
