@@ -22,7 +22,7 @@ from http import HTTPStatus
 import httptools
 import trio
 
-from .head_parser import MAX_HEAD, HeadError, HeadTooLarge, head_end, parse_head
+from .head_parser import MAX_HEAD, Head, HeadError, HeadTooLarge, head_end, parse_head
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class Http1Connection:
             return False
         raw, blank = found
         try:
-            request, keep_alive, head_only = self._parse(raw, blank)
+            request, keep_alive, head_only = self._parse(raw)
         except _BadHead as bad:
             await self._send_and_close(bare_error(bad.status))
         del self._buffer[: len(raw) + blank]
@@ -273,39 +273,29 @@ class Http1Connection:
             return False
         return not unread or await self._drain()
 
-    def _parse(self, raw: bytes, blank: int) -> tuple[Request, bool, bool]:
+    def _parse(self, raw: bytes) -> tuple[Request, bool, bool]:
         """Split a head: llhttp first, httparse's rules where llhttp refuses it."""
         parts = _HeadParts()
         parser = httptools.HttpRequestParser(parts)
         try:
             parser.feed_data(raw + b"\r\n\r\n")
-            version = parser.get_http_version()
-            method = parser.get_method().decode("ascii")
-            target, headers = parts.url, parts.headers
-        except httptools.HttpParserUpgrade:  # Upgrade or CONNECT: we stay on HTTP/1.1
-            version = parser.get_http_version()
-            method = parser.get_method().decode("ascii")
-            target, headers = parts.url, parts.headers
+        except httptools.HttpParserUpgrade:
+            pass  # Upgrade or CONNECT: the head is read all the same, and we stay on HTTP/1.1
         except httptools.HttpParserError:
-            head = self._parse_by_httparse_rules(raw, blank)
-            version, method = f"1.{head.minor_version}", head.method
-            target, headers = head.target, head.headers
+            head = _parse_by_httparse_rules(raw)
+            return self._request(head.method, head.target, head.headers, head.minor_version)
+        version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise _BadHead(400)
-        self._frame(headers)
-        keep_alive = _keep_alive(version, headers)
-        request = Request(method, target, headers, self.uid, self.pid, self)
-        return request, keep_alive, method == "HEAD"
+        method = parser.get_method().decode("ascii")
+        return self._request(method, parts.url, parts.headers, int(version[2]))
 
-    def _parse_by_httparse_rules(self, raw: bytes, blank: int):  # type: ignore[no-untyped-def]
-        try:
-            head = parse_head(raw + b"\r\n\r\n")
-        except HeadTooLarge:
-            raise _BadHead(431) from None
-        except HeadError:
-            raise _BadHead(400) from None
-        assert head is not None
-        return head
+    def _request(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], minor: int
+    ) -> tuple[Request, bool, bool]:
+        self._frame(headers)
+        request = Request(method, target, headers, self.uid, self.pid, self)
+        return request, _keep_alive(minor, headers), method == "HEAD"
 
     def _frame(self, headers: list[tuple[bytes, bytes]]) -> None:
         """Body framing from a head that llhttp or httparse's rules accepted."""
@@ -426,7 +416,18 @@ class _BadBody(Exception):
     """Chunked framing that cannot be read: the connection answers a bare 400 and closes."""
 
 
-def _keep_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
+def _parse_by_httparse_rules(raw: bytes) -> Head:
+    try:
+        head = parse_head(raw + b"\r\n\r\n")
+    except HeadTooLarge:
+        raise _BadHead(431) from None
+    except HeadError:
+        raise _BadHead(400) from None
+    assert head is not None  # complete: the blank line is there
+    return head
+
+
+def _keep_alive(minor_version: int, headers: list[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name == b"connection":
             tokens = {token.strip().lower() for token in value.split(b",")}
@@ -434,4 +435,4 @@ def _keep_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
                 return False
             if b"keep-alive" in tokens:
                 return True
-    return version == "1.1"
+    return minor_version == 1
