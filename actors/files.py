@@ -41,6 +41,10 @@ PARSED_COST = 4 << 10  # about what a parsed key or cert costs OpenSSL beside it
 _LARGE = 64 << 10  # a file this large is read in a worker thread
 
 
+_PATH_CACHE_ENTRIES = 1024
+_PATH_CACHE_ID_LENGTH = 255
+
+
 def file_name(item_id: str, extension: str) -> str:
     """The original's file name for an id: its ASCII alphanumerics, then the SHA-256 of all of it
     (so ids differing only in other characters still get files of their own)."""
@@ -156,6 +160,9 @@ class FileStore:
         self._cache_limit = cache_bytes
         self._cache: OrderedDict[Path, _Cached] = OrderedDict()
         self._cached_bytes = 0
+        # Each request names its id: hashing it to a file name every time costs more than
+        # the file's stat. Short ids only, and a bounded count, so callers cannot grow it.
+        self._paths: dict[str, Path] = {}
 
     @property
     def cached_bytes(self) -> int:
@@ -179,7 +186,14 @@ class FileStore:
         """Where `item_id` lives in the store; None when the service has no homedir."""
         if self.directory is None:
             return None
-        return self.directory / file_name(item_id, self.extension)
+        path = self._paths.get(item_id)
+        if path is None:
+            path = self.directory / file_name(item_id, self.extension)
+            if len(item_id) <= _PATH_CACHE_ID_LENGTH:
+                if len(self._paths) >= _PATH_CACHE_ENTRIES:
+                    del self._paths[next(iter(self._paths))]  # the oldest
+                self._paths[item_id] = path
+        return path
 
     async def read(self, path: Path) -> bytes | None:
         entry = await self._entry(path)

@@ -105,3 +105,17 @@ def test_base64_is_strict_as_rusts_engine() -> None:
     for bad in ("/wA", "/w A=", "_wA="):
         with pytest.raises(ValueError):
             decode_strict(bad)
+
+
+def test_id_to_path_memo_stays_bounded_and_skips_long_ids(tmp_path: Path) -> None:
+    """Paths of short ids are remembered (hashing an id costs more than the file's stat), in a
+    bounded memo that no caller can grow: long ids are hashed each time."""
+    store = cert_store(tmp_path / "certs")
+    for n in range(5000):
+        assert store.path_of(f"id-{n}") == tmp_path / "certs" / file_name(f"id-{n}", "cer")
+    long_id = "x" * 100_000
+    assert store.path_of(long_id) == tmp_path / "certs" / file_name(long_id, "cer")
+    memo = store._paths  # the bound is the point of this test
+    assert len(memo) == 1024
+    assert long_id not in memo
+    assert "id-4999" in memo and "id-0" not in memo
