@@ -93,6 +93,10 @@ class Route:
             return None
 
 
+def _is_literal(pattern: str) -> bool:
+    return re.escape(pattern) == pattern
+
+
 def route(pattern: str, min_version: str | None = None, **handlers: Handler) -> Route:
     """`route("/key/([^/]+)", GET=handler)`: methods as keyword names."""
     return Route(re.compile(pattern), handlers, min_version)
@@ -129,7 +133,24 @@ class ServiceApp:
         self.name = name
         self._versions = frozenset(api_versions)
         self._routes = routes
+        # Literal paths (most routes: /sign, /key, …) are found by one dict lookup. That keeps
+        # first-match order only while no pattern route also matches a literal one: checked.
+        self._literal = {r.pattern.pattern: r for r in routes if _is_literal(r.pattern.pattern)}
+        for literal in self._literal:
+            for other in routes:
+                if other.pattern.pattern != literal and other.pattern.fullmatch(literal):
+                    raise ValueError(f"route {other.pattern.pattern!r} also matches {literal!r}")
         self._parsers = trio.CapacityLimiter(2)  # one per core: more would queue on the GIL
+
+    def _route(self, path: str, api_version: str) -> tuple[Route, tuple[str, ...]]:
+        literal = self._literal.get(path)
+        if literal is not None and literal.match(path, api_version) is not None:
+            return literal, ()
+        for candidate in self._routes:
+            params = candidate.match(path, api_version)
+            if params is not None:
+                return candidate, params
+        raise HttpError(404, "not found")
 
     async def _parse_json(self, raw: bytes) -> Any:
         """A large body is parsed in a worker thread: parsing a megabyte holds the loop for
@@ -176,12 +197,7 @@ class ServiceApp:
             raise HttpError(400, "api-version not specified")
         if api_version not in self._versions:
             raise HttpError(400, f"invalid api-version {rust_debug(api_version)}")
-        for candidate in self._routes:
-            params = candidate.match(path, api_version)
-            if params is not None:
-                break
-        else:
-            raise HttpError(404, "not found")
+        candidate, params = self._route(path, api_version)
         method = incoming.method
         raw_body = await self._read_body(incoming, method)
         # The original parses the body before it looks at the method: bad JSON wins over 400.
