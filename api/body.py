@@ -199,6 +199,9 @@ def parse_json(raw: bytes) -> Any:
     except ShapeError as error:
         raise JsonSyntaxError(f"{error} at {_end_position(text)}") from None
     except json.JSONDecodeError as error:
+        malformed = _malformed_number(text, error.pos)
+        if malformed is not None:
+            raise JsonSyntaxError(malformed) from None
         if error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string"):
             # serde says what it was inside when the input ran out, at the input's end.
             lines = text.split("\n")
@@ -219,6 +222,59 @@ def parse_json(raw: bytes) -> Any:
 
 
 _LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+_DIGITS = frozenset("0123456789")
+_NUMBER_CHARS = frozenset("0123456789+-.eE")
+
+
+def _malformed_number(text: str, stop: int) -> str | None:
+    """serde_json's error for a number Python's scanner stopped in or after (`01`, `-x`, `1.`,
+    `1e+`), following its parse_integer / parse_decimal / parse_exponent: `invalid number` at
+    the byte it peeked or just consumed, or EOF while parsing a value; None when the number
+    there is well formed (the error is about what follows it)."""
+    start = stop
+    while start > 0 and text[start - 1] in _NUMBER_CHARS:
+        start -= 1
+    if start >= len(text) or not (text[start] == "-" or text[start] in _DIGITS):
+        return None
+    end = len(text)
+
+    def at(index: int, what: str = "invalid number") -> str:
+        line_start = text.rfind("\n", 0, index) + 1
+        line = text.count("\n", 0, line_start) + 1
+        return f"{what} at line {line} column {index - line_start}"
+
+    i = start + (text[start] == "-")
+    if i == end:
+        return at(end, "EOF while parsing a value")
+    first = text[i]
+    i += 1  # consumed, as serde's next_char does
+    if first not in _DIGITS:
+        return at(i)
+    if first == "0":
+        if i < end and text[i] in _DIGITS:
+            return at(min(end, i + 1))  # peeked
+    else:
+        while i < end and text[i] in _DIGITS:
+            i += 1
+    if i < end and text[i] == ".":
+        i += 1
+        fraction = i
+        while i < end and text[i] in _DIGITS:
+            i += 1
+        if i == fraction:
+            return at(min(end, i + 1), "invalid number" if i < end else "EOF while parsing a value")
+    if i < end and text[i] in "eE":
+        i += 1
+        if i < end and text[i] in "+-":
+            i += 1
+        if i == end:
+            return at(end, "EOF while parsing a value")
+        i += 1  # consumed
+        if text[i - 1] not in _DIGITS:
+            return at(i)
+    return None
 
 
 def _inside_at_eof(text: str, python_message: str) -> str:
