@@ -1,14 +1,14 @@
-"""The loop that serves one actor's mailbox.
+"""Running one actor: how its requests reach its handler, and what a crash does.
 
 An actor is any object with `async handle(op, args, caller) -> result` (`protocol.dispatcher`
-makes one from a typed protocol). Its loop decodes each envelope,
-runs the handler in a task of its own (bounded by `max_in_flight`, so a full mailbox still pushes
-back), replies, and keeps going. A handler's `BusError` goes back to the caller as is; any other
-exception becomes `internal` for that caller only. `InjectedCrash` (or any BaseException that is
-not a cancellation) kills the actor: every request it was serving gets `unavailable`, and the
-supervisor decides whether to start it again.
+makes one from a typed protocol). While it runs, the bus hands each request to its endpoint,
+and the caller's task runs the handler on the decoded message, bounded by `max_in_flight` slots
+and the request's deadline. Requests that arrive while it is (re)starting wait in its bounded
+mailbox and are served from there once it runs. A handler's `BusError` goes back to the caller
+as is; any other exception becomes `internal` for that caller only. `InjectedCrash` kills the
+actor: every request it is serving gets `unavailable`, and the supervisor decides whether to
+start it again.
 """
-
 from __future__ import annotations
 
 import logging
