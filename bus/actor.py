@@ -9,6 +9,7 @@ as is; any other exception becomes `internal` for that caller only. `InjectedCra
 actor: every request it is serving gets `unavailable`, and the supervisor decides whether to
 start it again.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
-"""Request/reply between actors over bounded mailboxes.
+"""Request/reply between actors: directly to a running actor's endpoint, else through its
+bounded mailbox until it runs (see `actor`).
 
 An envelope is a msgpack map `{to, op, args, caller, id, deadline}`; the reply is `{id, ok}` or
 `{id, err: [kind, message, code]}`. `caller` is who asks (see `protocol.Caller`), set by the
