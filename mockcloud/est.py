@@ -350,7 +350,7 @@ class EstServer:
             dropped = [mode] if mode is not None else list(self._modes)
             for each in dropped:
                 self._modes.pop(each, None)
-        if "refuse" in dropped and not self._http.listening:
+        if "refuse" in dropped and self._http.started and not self._http.listening:
             self._http.resume()
         log.info("EST server behaves again (%s)", mode or "all modes")
 

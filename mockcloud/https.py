@@ -225,6 +225,10 @@ class HttpsServer:
         return "http" if self._tls is None else "https"
 
     @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
     def listening(self) -> bool:
         return self._listener is not None
 
