@@ -1,7 +1,8 @@
 """Running one actor: how its requests reach its handler, and what a crash does.
 
 An actor is any object with `async handle(op, args, caller) -> result` (`protocol.dispatcher`
-makes one from a typed protocol). While it runs, the bus hands each request to its endpoint,
+makes one from a typed protocol), and optionally `async background()`, run beside its requests
+for as long as it runs. While it runs, the bus hands each request to its endpoint,
 and the caller's task runs the handler on the decoded message, bounded by `max_in_flight` slots
 and the request's deadline. Requests that arrive while it is (re)starting wait in its bounded
 mailbox and are served from there once it runs. A handler's `BusError` goes back to the caller
@@ -27,6 +28,12 @@ log = logging.getLogger(__name__)
 
 class Handler(Protocol):
     async def handle(self, op: str, args: dict[str, Any], caller: list[Any] | None) -> Any: ...
+
+
+class HasBackground(Protocol):
+    """An actor with work of its own between requests (certs: its renewal scheduler)."""
+
+    async def background(self) -> None: ...
 
 
 class ActorCrashed(Exception):
@@ -139,9 +146,18 @@ async def serve_actor(
         await endpoint.crashed.wait()
         raise ActorCrashed(f"actor {name} crashed") from endpoint.crash
 
+    async def run_background(work: HasBackground) -> None:
+        # Its failure is the actor's crash: the supervisor restarts the whole actor.
+        try:
+            await work.background()
+        except Exception as error:
+            endpoint.die(error)
+
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
+            if hasattr(handler, "background"):
+                nursery.start_soon(run_background, handler)
             bus.attach(name, endpoint)
             task_status.started()
             async for encoded in inbox:

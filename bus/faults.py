@@ -32,6 +32,10 @@ POINTS: dict[str, str] = {
     "store.write": "writing a key file (before the atomic rename)",
     "store.fsync": "fsync of a key file or its directory",
     "pkcs11.call": "any call into the PKCS#11 library, on the worker thread",
+    "certs.store.read": "reading a cert file from disk",
+    "certs.store.write": "writing a cert file (before the atomic rename)",
+    "certs.store.fsync": "fsync of a cert file",
+    "est.request": "each enrollment with an EST server (before it is sent)",
 }
 
 

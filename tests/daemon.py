@@ -66,6 +66,7 @@ def keyd_config(service: ServiceDir) -> str:
 # A new service adds its own here beside its line in supervisor/services' SERVICES.
 MINIMAL_CONFIGS: dict[str, Snippet] = {
     "keyd": keyd_config,
+    "certd": lambda service: f'homedir_path = "{service.home}"\n',
 }
 
 

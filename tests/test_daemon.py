@@ -30,7 +30,7 @@ def as_uid(uid: int, sock_path: str, method: str, path: str, body=None) -> tuple
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            target = f"{path}?api-version={KEYD_VERSION}"
+            target = path if "api-version=" in path else f"{path}?api-version={KEYD_VERSION}"
             reply = rawhttp.request(sock_path, method, target, body)
             payload = json.dumps([reply.status, reply.json() if reply.body else {}])
         except BaseException as error:  # report, never return into pytest

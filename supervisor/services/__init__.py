@@ -17,6 +17,7 @@ from aziot.bus.bus import Bus
 from aziot.bus.faults import Faults
 from aziot.config.loader import ServicePaths
 
+from .certd import certd
 from .keyd import keyd
 from .service import ActorSpec, Builder, Service, socket_path
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SERVICES: dict[str, Builder] = {
     "keyd": keyd,
+    "certd": certd,
 }
 
 
