@@ -23,6 +23,7 @@ from aziot.actors.keys.messages import (
     KeyHandle,
     Keys,
     LoadKeyPair,
+    MoveKeyPair,
 )
 from aziot.actors.principals import Principals
 from aziot.actors.remote_private_key import (
@@ -37,7 +38,7 @@ from aziot.bus.faults import Faults
 from aziot.bus.protocol import NOTHING, Caller, Client, Nothing, dispatcher
 from aziot.config.certd import CertdConfig, CertKey, EstAuth, IssuanceOptions
 
-from . import issuance
+from . import issuance, renewal
 from .est import EstClient, EstError, EstRequest, to_pem
 from .messages import Certs, CreateCert, DeleteCert, GetCert, ImportCert, Pem, Reload
 from .store import CertStore
@@ -45,6 +46,9 @@ from .store import CertStore
 log = logging.getLogger(__name__)
 
 EST_KEY_ALGORITHMS = "ec-p256:rsa-4096:*"  # the original's choice for EST identity keys
+TEMP_SUFFIX = "-temp"  # a rotated key is made under `<key id>-temp`, then moved over the old
+# Statuses by which an EST server says it has no /simplereenroll: then renew by /simpleenroll.
+NO_REENROLL = (404, 405, 501)
 
 
 class IssueFailed(Exception):
@@ -66,17 +70,21 @@ class CertsActor:
         *,
         load_config: Callable[[], CertdConfig] | None = None,
         est_client: EstClient | None = None,
-        now: Callable[[], datetime.datetime] | None = None,
+        clock: renewal.Clock | None = None,
     ) -> None:
         self._faults = faults
         self._keys = keys
         self._load_config = load_config
         self._est = est_client or EstClient()
-        self._now = now or (lambda: datetime.datetime.now(datetime.UTC))
+        self._clock: renewal.Clock = clock or renewal.WallClock()
         self._cloud_threads = trio.CapacityLimiter(4)
         self._est_identity_lock = trio.Lock()
+        self._renewals = renewal.RenewalEngine(self._clock)
         self._apply(config)
         self._dispatch = dispatcher(Certs, self)
+
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self._clock.now(), datetime.UTC)
 
     def _apply(self, config: CertdConfig) -> None:
         self.config = config
@@ -85,6 +93,11 @@ class CertsActor:
 
     async def start(self) -> None:
         await trio.to_thread.run_sync(self.store.prepare)
+        await self._track_est_identities()
+
+    async def background(self) -> None:
+        """The renewal scheduler, for as long as the actor runs."""
+        await self._renewals.run()
 
     async def handle(self, op: str, args: dict[str, Any], caller: list[Any] | None) -> Any:
         try:
@@ -144,6 +157,9 @@ class CertsActor:
         fresh = await trio.to_thread.run_sync(self._load_config)
         self._apply(fresh)
         await trio.to_thread.run_sync(self.store.prepare)
+        for cert_id in self._renewals.tracked():
+            self._renewals.remove(cert_id)
+        await self._track_est_identities()
         log.info("reloaded cert issuance, preloaded certs and principals")
         return NOTHING
 
@@ -318,7 +334,7 @@ class CertsActor:
                 self._est.enroll, request, limiter=self._cloud_threads
             )
         except EstError as error:
-            raise IssueFailed(str(error)) from None
+            raise IssueFailed(str(error)) from error
         return to_pem(certs)
 
     async def _enroll(
@@ -360,9 +376,15 @@ class CertsActor:
             await self.store.write(identity.cert, pem)
             log.info("obtained EST identity cert %s with the bootstrap identity", identity.cert)
             handle = await self._load_key_pair(identity.pk, "the EST identity key")
+            self._track(identity, cert_id, options)
             return pem, handle
 
     async def _usable_identity(self, identity: CertKey) -> tuple[bytes, str] | None:
+        if identity.cert in self._renewals:
+            try:
+                await self._renewals.renew_now_if_due(identity.cert)
+            except (renewal.RenewalError, KeyError) as error:
+                log.warning("EST identity cert %s cannot be renewed now: %s", identity.cert, error)
         data = await self.store.read(identity.cert)
         if data is None:
             return None
@@ -408,6 +430,156 @@ class CertsActor:
         key = await self._signing_key(created.handle)
         csr_der = await trio.to_thread.run_sync(issuance.client_csr, subject, key)
         return await self._est_call(url, csr_der, auth, (boot_pem, boot_handle))
+
+    # -- renewal of EST identity certs ------------------------------------------------------
+
+    def _est_identities(self) -> list[tuple[CertKey, str, IssuanceOptions | None]]:
+        """Each EST identity of the config, with the cert id whose EST settings renew it (the
+        identity's own for the global one, as the original)."""
+        found = []
+        est = self.config.est
+        if est is not None and est.auth is not None and est.auth.identity is not None:
+            found.append((est.auth.identity, est.auth.identity.cert, None))
+        for cert_id, options in self.config.certs.items():
+            if options.method == "est" and options.auth and options.auth.identity:
+                found.append((options.auth.identity, cert_id, options))
+        return found
+
+    async def _track_est_identities(self) -> None:
+        """Put every EST identity cert that exists under renewal; finish first a key rotation
+        that a crash interrupted, so the cert and its key agree again."""
+        for identity, cert_id, options in self._est_identities():
+            if identity.cert in self._renewals:
+                continue
+            data = await self.store.read(identity.cert)
+            if data is None:
+                continue
+            await self._finish_rotation(identity, data)
+            self._track(identity, cert_id, options)
+
+    def _policy(self) -> renewal.AutoRenew:
+        settings = self.config.est.identity_auto_renew if self.config.est else None
+        if settings is None:
+            return renewal.AutoRenew()
+        return renewal.AutoRenew.parse(settings.rotate_key, settings.threshold, settings.retry)
+
+    def _track(self, identity: CertKey, cert_id: str, options: IssuanceOptions | None) -> None:
+        async def read() -> bytes | None:
+            return await self.store.read(identity.cert)
+
+        async def renew(current: bytes, rotate: bool) -> None:
+            await self._renew_identity(identity, cert_id, options, current, rotate)
+
+        credential = renewal.Credential(identity.cert, identity.pk, self._policy(), read, renew)
+        if identity.cert in self._renewals:
+            self._renewals.replace(credential)
+        else:
+            self._renewals.add(credential)
+
+    async def _finish_rotation(self, identity: CertKey, cert_pem: bytes) -> None:
+        """A `<key>-temp` left by an interrupted renewal: moved into place if the cert on disk
+        is already the new one (the crash came between the cert write and the key move),
+        deleted otherwise (the renewal had not committed)."""
+        temp_id = identity.pk + TEMP_SUFFIX
+        try:
+            temp = await self._keys.call(Keys.load_key_pair, LoadKeyPair(temp_id))
+        except BusError:
+            return
+        try:
+            chain = await self._chain(cert_pem, f"EST identity cert {identity.cert}")
+            temp_public = await public_key_of(self._keys, temp.handle)
+        except (BusError, KeyNotUsable, ValueError) as error:
+            log.warning("cannot compare %s with cert %s: %s", temp_id, identity.cert, error)
+            return
+        if chain and chain[0].public_key() == temp_public:
+            await self._keys.call(Keys.move_key_pair, MoveKeyPair(temp_id, identity.pk))
+            log.info(
+                "repaired: finished the interrupted key rotation of %s (moved %s into place)",
+                identity.cert,
+                temp_id,
+            )
+        else:
+            await self._keys.call(Keys.delete_key_pair, DeleteKeyPair(temp.handle))
+            log.info("repaired: removed %s left by an unfinished renewal", temp_id)
+
+    async def _renew_identity(
+        self,
+        identity: CertKey,
+        cert_id: str,
+        options: IssuanceOptions | None,
+        current: bytes,
+        rotate: bool,
+    ) -> None:
+        """Renew an EST identity cert (spec/provisioning.md §15.3), by /simplereenroll when the
+        server has it; commit = write the cert, then move the rotated key over the old one."""
+        try:
+            await self._renew_identity_once(identity, cert_id, options, current, rotate)
+        except IssueFailed as error:
+            raise renewal.RenewalError(str(error)) from None
+
+    async def _renew_identity_once(
+        self,
+        identity: CertKey,
+        cert_id: str,
+        options: IssuanceOptions | None,
+        current: bytes,
+        rotate: bool,
+    ) -> None:
+        url, auth = self.est_settings(cert_id, options)
+        chain = await self._chain(current, f"EST identity cert {identity.cert}")
+        if not chain:
+            raise IssueFailed(f"EST identity cert {identity.cert} holds no certificate")
+        await self._finish_rotation(identity, current)
+        expired = chain[0].not_valid_after_utc <= self._now()
+        if expired:
+            bootstrap = auth.bootstrap_identity
+            if bootstrap is None:
+                raise IssueFailed(
+                    f"EST identity cert {identity.cert} has expired and no bootstrap identity "
+                    "is configured to obtain a new one"
+                )
+            boot_pem = await self.store.read(bootstrap.cert)
+            if boot_pem is None:
+                raise IssueFailed(f"the EST bootstrap cert {bootstrap.cert!r} is not in the store")
+            client = (boot_pem, await self._load_key_pair(bootstrap.pk, "the bootstrap key"))
+        else:
+            client = (current, await self._load_key_pair(identity.pk, "the EST identity key"))
+        key_id = identity.pk + TEMP_SUFFIX if rotate else identity.pk
+        if rotate:
+            try:
+                stale = await self._keys.call(Keys.load_key_pair, LoadKeyPair(key_id))
+                await self._keys.call(Keys.delete_key_pair, DeleteKeyPair(stale.handle))
+            except BusError:
+                pass
+        try:
+            created = await self._keys.call(
+                Keys.create_key_pair, CreateKeyPair(key_id, EST_KEY_ALGORITHMS)
+            )
+        except BusError as error:
+            raise IssueFailed(f"cannot create key {key_id!r}: {error}") from None
+        key = await self._signing_key(created.handle)
+        csr_der = await trio.to_thread.run_sync(issuance.client_csr, chain[0].subject, key)
+        try:
+            pem = await self._est_call(url, csr_der, auth, client, reenroll=not expired)
+        except IssueFailed as error:
+            cause = error.__cause__
+            if expired or not isinstance(cause, EstError) or cause.status not in NO_REENROLL:
+                raise
+            log.info("%s has no /simplereenroll (%s); renewing by /simpleenroll", url, cause)
+            pem = await self._est_call(url, csr_der, auth, client)
+        await self.store.write(identity.cert, pem)
+        if rotate:
+            try:
+                await self._keys.call(Keys.move_key_pair, MoveKeyPair(key_id, identity.pk))
+            except BusError as error:
+                await self.store.write(identity.cert, current)
+                raise IssueFailed(
+                    f"renewed {identity.cert} but could not move {key_id} into place ({error}); "
+                    "kept the old cert and key"
+                ) from None
+        log.info(
+            "renewed EST identity cert %s (key %s)", identity.cert, "rotated" if rotate else "kept"
+        )
 
 
 def _text(data: bytes, cert_id: str) -> str:

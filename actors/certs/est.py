@@ -41,7 +41,12 @@ SHOWN_BODY = 160  # characters of an unexpected body quoted in the error
 
 
 class EstError(Exception):
-    """Enrollment failed; the message says what the server did (or that it was unreachable)."""
+    """Enrollment failed; the message says what the server did (or that it was unreachable).
+    `status` is the HTTP status the server answered, when it answered."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @attrs.frozen
@@ -71,6 +76,7 @@ def parse_pkcs7(body: bytes, what: str) -> list[x509.Certificate]:
     """The certs of a certs-only PKCS#7 body: PEM (which the original accepts too) or base64
     DER (what RFC 7030 prescribes)."""
     if b"-----BEGIN" in body:
+        log.warning("%s: PKCS#7 as PEM, where RFC 7030 says base64 DER; accepted", what)
         try:
             return pkcs7.load_pem_pkcs7_certificates(body)
         except ValueError as error:
@@ -151,7 +157,8 @@ class EstClient:
         if response.status_code != 200:
             raise EstError(
                 f"{what}: {url} answered {response.status_code} {response.reason_phrase} "
-                f"({content_type or 'no content type'}): {_shown(response.content)}"
+                f"({content_type or 'no content type'}): {_shown(response.content)}",
+                response.status_code,
             )
         media = content_type.split(";", 1)[0].strip().lower()
         if media != PKCS7_MIME:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from aziot.actors.certs.actor import CertsActor
 from aziot.actors.certs.issuance import subject_override
 from aziot.actors.certs.messages import Certs, Reload
+from aziot.actors.certs.renewal import AutoRenew
 from aziot.actors.keys.messages import Keys
 from aziot.api.certd import CertdApi
 from aziot.bus.bus import Bus
@@ -21,7 +22,14 @@ from .service import ActorSpec, Service, socket_path
 
 
 def check_certd(config: CertdConfig, source: str) -> None:
-    """What the config parser cannot know: subject names OpenSSL understands."""
+    """What the config parser leaves to the actors' modules: renewal policy strings, subject
+    names OpenSSL understands."""
+    renew = config.est.identity_auto_renew if config.est else None
+    if renew is not None:
+        try:
+            AutoRenew.parse(renew.rotate_key, renew.threshold, renew.retry)
+        except ValueError as error:
+            raise ConfigError(f"{source}: cert_issuance.est.identity_auto_renew: {error}") from None
     for cert_id, options in config.certs.items():
         try:
             subject_override(options.common_name, options.subject)
