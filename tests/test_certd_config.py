@@ -1,0 +1,760 @@
+"""certd's config in process: the original's sample parsed to every field, `config.d` merged,
+the defaults, and every refusal naming the file and the key (spec/provisioning.md §4.3,
+spec/api.md §4.2–§4.4, the original's aziot-certd-config). Three tests start a real aziotd.
+
+The original ignores keys it does not know (serde `flatten`); here they stop the start, so a
+misspelt key is found when the device is installed rather than at its first EST enrollment.
+Where this parser still differs from the original without a reason, the test states the
+behaviour believed right and is marked `xfail(strict=True)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomli
+
+from aziot.config.certd import (
+    AutoRenew,
+    BasicAuth,
+    CertdConfig,
+    CertKey,
+    Endpoints,
+    Est,
+    EstAuth,
+    IssuanceOptions,
+    Principal,
+    load_certd,
+    parse_certd,
+)
+from aziot.config.loader import ConfigError, ServicePaths
+from aziot.supervisor.services.certd import check_certd, load_checked
+from tests.certd_world import certd_config, start_certd
+from tests.daemon import Daemon, keyd_config
+
+SOURCE = "/etc/aziot/certd/config.toml"
+HOME = 'homedir_path = "/var/lib/aziot/certd"\n'
+
+# The original's `parse_config` test config, verbatim (tab-indented arrays included).
+ORIGINAL_SAMPLE = """
+homedir_path = "/var/lib/aziot/certd"
+max_requests = 50
+
+[cert_issuance]
+device-ca = { method = "est", common_name = "custom-name" }
+module-id = { method = "self_signed", expiry_days = 90, common_name = "custom-name"}
+module-server = { method = "local_ca" }
+
+[cert_issuance.device-id]
+method = "est"
+url = "https://estendpoint.com/.well-known/est/device-id/"
+username = "username"
+password = "password"
+identity_cert = "device-id"
+identity_pk = "device-id"
+bootstrap_identity_cert = "bootstrap"
+bootstrap_identity_pk = "bootstrap"
+expiry_days = 365
+subject = { "L" = "AQ", "ST" = "Antarctica", "CN" = "test-device" }
+
+[cert_issuance.est]
+identity_cert = "est-id"
+identity_pk = "est-id"
+bootstrap_identity_cert = "bootstrap"
+bootstrap_identity_pk = "bootstrap"
+trusted_certs = [
+\t"est-ca",
+]
+
+[cert_issuance.est.identity_auto_renew]
+rotate_key = true
+threshold = "50%"
+retry = "10%"
+
+[cert_issuance.est.urls]
+default = "https://estendpoint.com/.well-known/est/"
+device-ca = "https://estendpoint.com/.well-known/est/device-ca/"
+
+[preloaded_certs]
+bootstrap = "file:///var/secrets/bootstrap.cer"
+est-ca = "file:///var/secrets/est-ca.cer"
+trust-bundle = [
+\t"est-ca",
+]
+
+[[principal]]
+uid = 1000
+certs = ["test"]
+"""
+
+ORIGINAL_EXPECTED = CertdConfig(
+    homedir=Path("/var/lib/aziot/certd"),
+    max_requests=50,
+    est=Est(
+        trusted_certs=["est-ca"],
+        auth=EstAuth(
+            basic=None,
+            identity=CertKey("est-id", "est-id"),
+            bootstrap_identity=CertKey("bootstrap", "bootstrap"),
+        ),
+        identity_auto_renew=AutoRenew(rotate_key=True, threshold="50%", retry="10%"),
+        urls={
+            "default": "https://estendpoint.com/.well-known/est/",
+            "device-ca": "https://estendpoint.com/.well-known/est/device-ca/",
+        },
+    ),
+    local_ca=None,
+    certs={
+        "device-ca": IssuanceOptions("est", common_name="custom-name"),
+        "module-id": IssuanceOptions("self_signed", expiry_days=90, common_name="custom-name"),
+        "module-server": IssuanceOptions("local_ca"),
+        "device-id": IssuanceOptions(
+            "est",
+            expiry_days=365,
+            subject={"L": "AQ", "ST": "Antarctica", "CN": "test-device"},
+            url="https://estendpoint.com/.well-known/est/device-id/",
+            auth=EstAuth(
+                basic=BasicAuth("username", "password"),
+                identity=CertKey("device-id", "device-id"),
+                bootstrap_identity=CertKey("bootstrap", "bootstrap"),
+            ),
+        ),
+    },
+    preloaded_certs={
+        "bootstrap": "file:///var/secrets/bootstrap.cer",
+        "est-ca": "file:///var/secrets/est-ca.cer",
+        "trust-bundle": ["est-ca"],
+    },
+    principal=[Principal(1000, ["test"])],
+    endpoints=Endpoints(),
+    not_before_margin_secs=300,
+)
+
+
+def parse(text: str) -> CertdConfig:
+    """Parse as aziotd does at start: the parser, then what only issuance can check."""
+    config = parse_certd(tomli.loads(text), SOURCE)
+    check_certd(config, SOURCE)
+    return config
+
+
+def refusal(text: str) -> str:
+    """The message a refused config gives; it always begins with the file."""
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    message = str(caught.value)
+    assert message.startswith(f"{SOURCE}: "), message
+    return message
+
+
+def paths_in(folder: Path) -> ServicePaths:
+    (folder / "config.d").mkdir(parents=True, exist_ok=True)
+    return ServicePaths("certd", folder / "config.toml", folder / "config.d")
+
+
+# -- what parses --------------------------------------------------------------------------------
+
+
+def test_the_originals_sample_parses_to_every_field() -> None:
+    config = parse(ORIGINAL_SAMPLE)
+    assert config == ORIGINAL_EXPECTED
+    # Field by field as well, so a mismatch says where it is.
+    assert config.est == ORIGINAL_EXPECTED.est
+    assert config.certs == ORIGINAL_EXPECTED.certs
+    assert list(config.certs["device-id"].subject or {}) == ["L", "ST", "CN"]
+    assert config.preloaded_certs == ORIGINAL_EXPECTED.preloaded_certs
+    assert config.principal == ORIGINAL_EXPECTED.principal
+
+
+def test_the_sample_read_from_its_file(tmp_path: Path) -> None:
+    paths = paths_in(tmp_path)
+    paths.config_file.write_text(ORIGINAL_SAMPLE)
+    assert load_certd(paths) == ORIGINAL_EXPECTED
+    assert load_checked(paths) == ORIGINAL_EXPECTED
+
+
+def test_the_password_stays_out_of_the_repr() -> None:
+    config = parse(ORIGINAL_SAMPLE)
+    assert "username" in repr(config.certs["device-id"].auth)
+    assert "'password'" not in repr(config)
+
+
+def test_the_originals_explicit_endpoints_sample() -> None:
+    config = parse(
+        HOME + "[endpoints]\n"
+        'aziot_keyd = "unix:///run/aziot/keyd.sock"\n'
+        'aziot_certd = "unix:///run/aziot/certd.sock"\n'
+    )
+    assert config == CertdConfig(
+        homedir=Path("/var/lib/aziot/certd"),
+        endpoints=Endpoints(
+            aziot_certd="unix:///run/aziot/certd.sock", aziot_keyd="unix:///run/aziot/keyd.sock"
+        ),
+    )
+
+
+def test_defaults() -> None:
+    config = parse(HOME)
+    assert config == CertdConfig(homedir=Path("/var/lib/aziot/certd"))
+    assert config.max_requests == 10
+    assert config.not_before_margin_secs == 300
+    assert (config.est, config.local_ca) == (None, None)
+    assert (config.certs, config.preloaded_certs, config.principal) == ({}, {}, [])
+    assert config.endpoints == Endpoints(None, None)
+
+
+def test_an_est_table_without_renewal_settings_gets_80_4_and_rotation() -> None:
+    config = parse(HOME + "[cert_issuance.est]\n")
+    assert config.est == Est(
+        trusted_certs=[],
+        auth=None,
+        identity_auto_renew=AutoRenew(rotate_key=True, threshold="80%", retry="4%"),
+        urls={},
+    )
+    est = parse(HOME + '[cert_issuance.est]\nusername = "u"\npassword = "p"\n').est
+    assert est is not None and est.identity_auto_renew == AutoRenew(True, "80%", "4%")
+
+
+def test_per_cert_options_default_to_none() -> None:
+    config = parse(
+        HOME + '[cert_issuance]\nx = { method = "est" }\ny = { method = "self_signed" }\n'
+    )
+    assert config.certs == {
+        "x": IssuanceOptions("est", None, None, None, None, None),
+        "y": IssuanceOptions("self_signed", None, None, None, None, None),
+    }
+
+
+def test_what_is_accepted_beside_the_sample() -> None:
+    config = parse(
+        HOME + "max_requests = 1\nnot_before_margin_secs = 0\n"
+        "[cert_issuance]\n"
+        'local_ca = { cert = "local-ca", pk = "local-ca-key" }\n'
+        'basic = { method = "est", username = "u", password = "p" }\n'
+        'x509 = { method = "est", identity_cert = "id", identity_pk = "id-key" }\n'
+        # http:// is allowed (the original only warns).
+        'plain = { method = "est", url = "http://est.local:8085/.well-known/est" }\n'
+        'empty-subject = { method = "local_ca", subject = {} }\n'
+        "[cert_issuance.est]\n"
+        "trusted_certs = []\n"
+        "identity_auto_renew = "
+        '{ rotate_key = false, threshold = "30day", retry = "90min" }\n'
+        # Any key of urls is a cert id.
+        'urls = { "any cert" = "https://est.example/x" }\n'
+        "[preloaded_certs]\n"
+        "nothing = []\n"
+        'chain = ["a", "b"]\n'
+        "[[principal]]\n"
+        "uid = 0\n"
+        "certs = []\n"
+    )
+    assert config.max_requests == 1
+    assert config.not_before_margin_secs == 0
+    assert config.local_ca == CertKey("local-ca", "local-ca-key")
+    assert config.certs["basic"].auth == EstAuth(basic=BasicAuth("u", "p"))
+    assert config.certs["x509"].auth == EstAuth(identity=CertKey("id", "id-key"))
+    assert config.certs["plain"].url == "http://est.local:8085/.well-known/est"
+    assert config.certs["empty-subject"].subject == {}
+    assert config.est == Est(
+        [], None, AutoRenew(False, "30day", "90min"), {"any cert": "https://est.example/x"}
+    )
+    assert config.preloaded_certs == {"nothing": [], "chain": ["a", "b"]}
+    assert config.principal == [Principal(0, [])]
+
+
+# -- config.d ------------------------------------------------------------------------------------
+
+
+def test_drop_ins_merge_principals_accumulate_and_add_issuance(tmp_path: Path) -> None:
+    paths = paths_in(tmp_path)
+    paths.config_file.write_text(
+        HOME + "[cert_issuance]\n"
+        'device-ca = { method = "self_signed", expiry_days = 90 }\n'
+        "[cert_issuance.est.urls]\n"
+        'default = "https://est.example/.well-known/est/"\n'
+        "[[principal]]\nuid = 1000\ncerts = ['a']\n"
+    )
+    (paths.config_dir / "10-edge.toml").write_text(
+        "[cert_issuance.module-server]\n"
+        'method = "local_ca"\n'
+        "[cert_issuance.est.urls]\n"
+        'device-ca = "https://est.example/ca/"\n'
+        "[[principal]]\nuid = 1001\ncerts = ['aziot-edged-*']\n"
+    )
+    (paths.config_dir / "20-more.toml").write_text(
+        "max_requests = 20\n[[principal]]\nuid = 1002\ncerts = ['b?']\n"
+    )
+    (paths.config_dir / "30-ignored.txt").write_text("max_requests = [")
+    config = load_certd(paths)
+    assert config.max_requests == 20
+    assert config.principal == [
+        Principal(1000, ["a"]),
+        Principal(1001, ["aziot-edged-*"]),
+        Principal(1002, ["b?"]),
+    ]
+    assert config.certs == {
+        "device-ca": IssuanceOptions("self_signed", expiry_days=90),
+        "module-server": IssuanceOptions("local_ca"),
+    }
+    assert config.est is not None
+    assert config.est.urls == {
+        "default": "https://est.example/.well-known/est/",
+        "device-ca": "https://est.example/ca/",
+    }
+
+
+def test_a_drop_in_may_hold_the_whole_config(tmp_path: Path) -> None:
+    paths = paths_in(tmp_path)
+    (paths.config_dir / "00.toml").write_text(ORIGINAL_SAMPLE)
+    assert load_certd(paths) == ORIGINAL_EXPECTED
+
+
+def test_a_bad_key_in_a_drop_in_names_the_files_and_the_key(tmp_path: Path) -> None:
+    paths = paths_in(tmp_path)
+    paths.config_file.write_text(HOME)
+    (paths.config_dir / "10-bad.toml").write_text(
+        '[cert_issuance]\ndevice-ca = { method = "self_signed", expiry = 5 }\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_certd(paths)
+    message = str(caught.value)
+    assert str(paths.config_file) in message and str(paths.config_dir) in message
+    assert "unknown key cert_issuance.device-ca.expiry;" in message
+
+
+def test_a_refusal_from_the_file_names_its_path(tmp_path: Path) -> None:
+    paths = paths_in(tmp_path)
+    paths.config_file.write_text(HOME + "max_request = 5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_certd(paths)
+    assert str(caught.value).startswith(f"{paths.config_file} ")
+    assert "unknown key max_request;" in str(caught.value)
+    paths.config_file.write_text(HOME + "[cert_issuance]\nx = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_certd(paths)
+
+
+def test_an_unknown_subject_attribute_from_the_file_names_it(tmp_path: Path) -> None:
+    paths = paths_in(tmp_path)
+    paths.config_file.write_text(
+        HOME + '[cert_issuance]\nx = { method = "local_ca", subject = { Colour = "blue" } }\n'
+    )
+    load_certd(paths)  # the parser has nothing against it; issuance has
+    with pytest.raises(ConfigError) as caught:
+        load_checked(paths)
+    message = str(caught.value)
+    assert message.startswith(f"{paths.config_file}: cert_issuance.x.subject: ")
+    assert "unknown subject attribute 'Colour'" in message
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+CERT = "[cert_issuance.x]\n"
+EST = "[cert_issuance.est]\n"
+RENEW = "[cert_issuance.est.identity_auto_renew]\n"
+
+
+# (config after homedir_path, what the message must contain)
+REFUSALS = [
+    # Unknown keys, in every table that has a fixed set of them.
+    ("max_request = 5\n", "unknown key max_request;"),
+    ("[certs_issuance]\n", "unknown key certs_issuance;"),
+    (
+        CERT + 'method = "self_signed"\nexpiry_day = 5\n',
+        "unknown key cert_issuance.x.expiry_day;",
+    ),
+    (
+        CERT + 'method = "est"\nidentity_key = "k"\n',
+        "unknown key cert_issuance.x.identity_key;",
+    ),
+    (EST + 'trusted_cert = ["est-ca"]\n', "unknown key cert_issuance.est.trusted_cert;"),
+    # The super-config's nested auth table is not the per-service syntax.
+    (
+        EST + '[cert_issuance.est.auth]\nusername = "u"\npassword = "p"\n',
+        "unknown key cert_issuance.est.auth;",
+    ),
+    (
+        RENEW + 'rotate_key = true\nthreshold = "80%"\nretry = "4%"\nrotate = false\n',
+        "unknown key cert_issuance.est.identity_auto_renew.rotate;",
+    ),
+    (
+        "[[principal]]\nuid = 1\ncerts = ['a']\nkeys = ['b']\n",
+        "unknown key principal[0].keys;",
+    ),
+    (
+        "[[principal]]\nuid = 1\ncerts = ['a']\n[[principal]]\nuid = 2\ncerts = []\nkey = 1\n",
+        "unknown key principal[1].key;",
+    ),
+    (
+        '[cert_issuance]\nlocal_ca = { cert = "c", pk = "k", method = "local_ca" }\n',
+        "unknown key cert_issuance.local_ca.method;",
+    ),
+    (
+        '[endpoints]\naziot_identityd = "unix:///x.sock"\n',
+        "unknown key endpoints.aziot_identityd;",
+    ),
+    # Keys only EST uses, under another method.
+    (
+        CERT + 'method = "local_ca"\nurl = "https://est.example/"\n',
+        "unknown key cert_issuance.x.url;",
+    ),
+    (
+        CERT + 'method = "self_signed"\nusername = "u"\npassword = "p"\n',
+        "unknown key cert_issuance.x.password, cert_issuance.x.username;",
+    ),
+    (
+        CERT + 'method = "local_ca"\nidentity_cert = "i"\nidentity_pk = "i"\n',
+        "unknown key cert_issuance.x.identity_cert, cert_issuance.x.identity_pk;",
+    ),
+    (
+        CERT + 'method = "self_signed"\nbootstrap_identity_cert = "b"\n',
+        "unknown key cert_issuance.x.bootstrap_identity_cert;",
+    ),
+    # Each entry is a table with a method the original knows.
+    (
+        '[cert_issuance]\nworkload-ca = "local_ca"\n',
+        "cert_issuance.workload-ca: expected a table, found a string",
+    ),
+    (
+        CERT + 'method = "est2"\n',
+        "cert_issuance.x.method: expected one of self_signed, local_ca, est, found 'est2'",
+    ),
+    (
+        CERT + "expiry_days = 5\n",
+        "cert_issuance.x.method: expected one of self_signed, local_ca, est, found nothing",
+    ),
+    (CERT + 'method = "selfSigned"\n', "found 'selfSigned'"),
+    # The original's words for expiry_days = 0.
+    (
+        CERT + 'method = "self_signed"\nexpiry_days = 0\n',
+        "cert_issuance.x.expiry_days: expiry_days must be greater than 0",
+    ),
+    (
+        CERT + 'method = "local_ca"\nexpiry_days = -1\n',
+        "cert_issuance.x.expiry_days: expiry_days must be greater than 0",
+    ),
+    # Halves of pairs.
+    (
+        CERT + 'method = "est"\nusername = "u"\n',
+        "cert_issuance.x.username is set but cert_issuance.x.password is not",
+    ),
+    (
+        CERT + 'method = "est"\npassword = "p"\n',
+        "cert_issuance.x.password is set but cert_issuance.x.username is not",
+    ),
+    (
+        CERT + 'method = "est"\nidentity_cert = "i"\n',
+        "cert_issuance.x.identity_cert is set but cert_issuance.x.identity_pk is not",
+    ),
+    (
+        EST + 'identity_pk = "i"\n',
+        "cert_issuance.est.identity_pk is set but cert_issuance.est.identity_cert is not",
+    ),
+    (
+        EST + 'identity_cert = "i"\nidentity_pk = "i"\nbootstrap_identity_cert = "b"\n',
+        "cert_issuance.est.bootstrap_identity_cert is set but "
+        "cert_issuance.est.bootstrap_identity_pk is not",
+    ),
+    (
+        EST + 'bootstrap_identity_cert = "b"\nbootstrap_identity_pk = "b"\n',
+        "cert_issuance.est.bootstrap_identity_cert is set but cert_issuance.est.identity_cert",
+    ),
+    (
+        CERT + 'method = "est"\nusername = "u"\npassword = "p"\n'
+        'bootstrap_identity_cert = "b"\nbootstrap_identity_pk = "b"\n',
+        "cert_issuance.x.bootstrap_identity_cert is set but cert_issuance.x.identity_cert",
+    ),
+    (
+        '[cert_issuance]\nlocal_ca = { cert = "c" }\n',
+        "cert_issuance.local_ca.cert is set but cert_issuance.local_ca.pk is not",
+    ),
+    ("[cert_issuance]\nlocal_ca = {}\n", "cert_issuance.local_ca: needs cert"),
+    # identity_auto_renew: all three keys once the table is there, as in the original.
+    (RENEW + 'threshold = "80%"\nretry = "4%"\n', "identity_auto_renew.rotate_key is missing"),
+    (RENEW + 'rotate_key = true\nretry = "4%"\n', "identity_auto_renew.threshold is missing"),
+    (RENEW + 'rotate_key = true\nthreshold = "80%"\n', "identity_auto_renew.retry is missing"),
+    # One subject or the other.
+    (
+        CERT + 'method = "local_ca"\ncommon_name = "a"\nsubject = { CN = "b" }\n',
+        "cert_issuance.x: set common_name or subject, not both",
+    ),
+    # Preloaded certs are file:// URIs or lists of ids.
+    (
+        '[preloaded_certs]\nc = "https://example.com/c.pem"\n',
+        "preloaded_certs.c: 'https://example.com/c.pem' is not a file:// URI",
+    ),
+    (
+        '[preloaded_certs]\nc = "/var/secrets/c.pem"\n',
+        "preloaded_certs.c: '/var/secrets/c.pem' is not a file:// URI",
+    ),
+    (
+        '[preloaded_certs]\nc = "pkcs11:object=c"\n',
+        "preloaded_certs.c: 'pkcs11:object=c' is not a file:// URI",
+    ),
+    (
+        "[preloaded_certs]\nc = 5\n",
+        "preloaded_certs.c: expected a file:// URI or an array of cert ids, found an integer",
+    ),
+    (
+        "[preloaded_certs]\nc = [1, 2]\n",
+        "preloaded_certs.c: expected a file:// URI or an array of cert ids, found an array",
+    ),
+    (
+        '[preloaded_certs.c]\nuri = "file:///c.pem"\n',
+        "preloaded_certs.c: expected a file:// URI or an array of cert ids, found a table",
+    ),
+    ('preloaded_certs = "file:///c.pem"\n', "preloaded_certs: expected a table"),
+    # Wrong types, each named.
+    ('max_requests = "ten"\n', "max_requests: expected an integer, found a string"),
+    ("max_requests = true\n", "max_requests: expected an integer, found a boolean"),
+    ("max_requests = 1.5\n", "max_requests: expected an integer, found a float"),
+    ("max_requests = 0\n", "max_requests must be at least 1"),
+    ("not_before_margin_secs = -1\n", "not_before_margin_secs must not be negative"),
+    ('not_before_margin_secs = "5m"\n', "not_before_margin_secs: expected an integer"),
+    ('cert_issuance = "est"\n', "cert_issuance: expected a table, found a string"),
+    ('[cert_issuance]\nest = "https://e/"\n', "cert_issuance.est: expected a table"),
+    (
+        CERT + 'method = "est"\nurl = 5\n',
+        "cert_issuance.x.url: expected a string, found an integer",
+    ),
+    (CERT + "method = 1\n", "cert_issuance.x.method: expected a string, found an integer"),
+    (
+        CERT + 'method = "self_signed"\nexpiry_days = "90"\n',
+        "cert_issuance.x.expiry_days: expected an integer, found a string",
+    ),
+    (
+        CERT + 'method = "self_signed"\nexpiry_days = 1.5\n',
+        "cert_issuance.x.expiry_days: expected an integer, found a float",
+    ),
+    (
+        CERT + 'method = "self_signed"\ncommon_name = ["a"]\n',
+        "cert_issuance.x.common_name: expected a string, found an array",
+    ),
+    (
+        CERT + 'method = "local_ca"\nsubject = "CN=a"\n',
+        "cert_issuance.x.subject: expected a table, found a string",
+    ),
+    (
+        CERT + 'method = "local_ca"\nsubject = { CN = 5 }\n',
+        "cert_issuance.x.subject.CN: expected a string, found an integer",
+    ),
+    (
+        CERT + 'method = "est"\nusername = "u"\npassword = 1234\n',
+        "cert_issuance.x.password: expected a string, found an integer",
+    ),
+    (
+        EST + 'trusted_certs = "est-ca"\n',
+        "cert_issuance.est.trusted_certs: expected an array of strings, found a string",
+    ),
+    (
+        EST + "trusted_certs = [1]\n",
+        "cert_issuance.est.trusted_certs: expected an array of strings, found an integer",
+    ),
+    (
+        EST + 'urls = "https://est.example/"\n',
+        "cert_issuance.est.urls: expected a table, found a string",
+    ),
+    (
+        EST + "urls = { default = 5 }\n",
+        "cert_issuance.est.urls.default: expected a string, found an integer",
+    ),
+    (
+        RENEW + 'rotate_key = "yes"\nthreshold = "80%"\nretry = "4%"\n',
+        "identity_auto_renew.rotate_key: expected true or false, found a string",
+    ),
+    (
+        RENEW + "rotate_key = true\nthreshold = 80\nretry = '4%'\n",
+        "identity_auto_renew.threshold: expected a string, found an integer",
+    ),
+    (
+        EST + 'identity_auto_renew = "80%"\n',
+        "cert_issuance.est.identity_auto_renew: expected a table, found a string",
+    ),
+    (
+        "[[principal]]\nuid = 1\ncerts = [1, 2]\n",
+        "principal[0].certs: expected an array of strings, found an integer",
+    ),
+    ("[[principal]]\nuid = 1\ncerts = 'a'\n", "principal[0].certs: expected an array"),
+    ('[[principal]]\nuid = "1000"\ncerts = []\n', "principal[0].uid: expected an integer"),
+    ("[[principal]]\nuid = -1\ncerts = []\n", "principal[0].uid: expected a uid"),
+    ("[[principal]]\ncerts = ['a']\n", "principal[0].uid: expected a uid"),
+    ("[[principal]]\nuid = 1\n", "principal[0].certs is missing"),
+    ("[principal]\nuid = 1\ncerts = []\n", "principal: expected an array of tables"),
+    ("principal = [1]\n", "principal[0]: expected a table, found an integer"),
+    ("[endpoints]\naziot_certd = 5\n", "endpoints.aziot_certd: expected a string"),
+    # EST URLs must be http(s) URLs with a host.
+    (
+        CERT + 'method = "est"\nurl = "ftp://est.example/est"\n',
+        "cert_issuance.x.url: 'ftp://est.example/est' is not an http:// or https:// URL",
+    ),
+    (
+        CERT + 'method = "est"\nurl = "est.example/.well-known/est"\n',
+        "cert_issuance.x.url: 'est.example/.well-known/est' is not an http:// or https://",
+    ),
+    (
+        EST + '[cert_issuance.est.urls]\ndefault = "https://"\n',
+        "cert_issuance.est.urls.default: 'https://' is not an http:// or https:// URL",
+    ),
+    (
+        EST + '[cert_issuance.est.urls]\ndevice-ca = "file:///est"\n',
+        "cert_issuance.est.urls.device-ca: 'file:///est' is not an http:// or https://",
+    ),
+    # Subject names OpenSSL does not know (checked by check_certd, as issuance builds them).
+    (
+        CERT + 'method = "local_ca"\nsubject = { CN = "a", Colour = "blue" }\n',
+        "cert_issuance.x.subject: unknown subject attribute 'Colour'",
+    ),
+    (
+        # OpenSSL's names are case-sensitive: `cn` is not `CN`.
+        CERT + 'method = "est"\nsubject = { cn = "a" }\n',
+        "cert_issuance.x.subject: unknown subject attribute 'cn'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "named"), REFUSALS, ids=[named for _, named in REFUSALS])
+def test_a_refusal_names_the_file_and_the_key(text: str, named: str) -> None:
+    message = refusal(HOME + text)
+    assert named in message, message
+
+
+def test_missing_homedir_path_is_named() -> None:
+    assert "homedir_path is missing" in refusal("max_requests = 5\n")
+    assert "homedir_path is missing" in refusal("")
+    message = refusal("homedir_path = 5\n")
+    assert "homedir_path: expected a string, found an integer" in message
+
+
+def test_an_unknown_key_refusal_lists_the_known_ones() -> None:
+    message = refusal(HOME + "max_request = 5\n")
+    for key in ("homedir_path", "max_requests", "cert_issuance", "preloaded_certs", "principal"):
+        assert key in message.partition("known:")[2]
+    message = refusal(HOME + CERT + 'method = "local_ca"\nurl = "https://e/"\n')
+    assert "known for method local_ca: method, expiry_days, common_name, subject" in message
+    message = refusal(HOME + CERT + 'method = "est"\nuri = "https://e/"\n')
+    assert "known for method est: " in message and "url, username, password" in message
+
+
+def test_several_unknown_keys_are_named_together() -> None:
+    message = refusal(HOME + "a = 1\nb = 2\n")
+    assert "unknown key a, b;" in message
+
+
+# -- where this parser differs from the original without a reason ---------------------------
+
+
+@pytest.mark.xfail(
+    reason="the original's cert_renewal::Policy deserializer refuses a bad threshold/retry at "
+    "config load (spec/provisioning.md §16); config/certd.py stores the string unchecked and "
+    "check_certd does not check it either, so the daemon would start and fail later",
+    strict=True,
+)
+@pytest.mark.parametrize(
+    ("renew", "named"),
+    [
+        ('threshold = "100%"\nretry = "4%"', "identity_auto_renew.threshold"),
+        ('threshold = "80%"\nretry = "0min"', "identity_auto_renew.retry"),
+        ('threshold = "5days"\nretry = "4%"', "identity_auto_renew.threshold"),
+    ],
+)
+def test_a_bad_renewal_policy_is_refused_at_load(renew: str, named: str) -> None:
+    message = refusal(HOME + RENEW + f"rotate_key = true\n{renew}\n")
+    assert f"cert_issuance.est.{named}" in message, message
+
+
+@pytest.mark.xfail(
+    reason="the original builds subjects with OpenSSL's X509_NAME_add_entry_by_txt, which takes "
+    "any OpenSSL short or long name and dotted OIDs; actors/certs/issuance.py NAME_OIDS (used by "
+    "check_certd) knows a fixed list of names, so a config the original runs is refused",
+    strict=True,
+)
+@pytest.mark.parametrize("name", ["streetAddress", "businessCategory", "2.5.4.5"])
+def test_subject_names_openssl_knows_are_accepted(name: str) -> None:
+    config = parse(HOME + CERT + f'method = "local_ca"\nsubject = {{ "{name}" = "v" }}\n')
+    assert config.certs["x"].subject == {name: "v"}
+
+
+@pytest.mark.xfail(
+    reason="the original reads expiry_days and principal uid as u32 and refuses larger values at "
+    "load; config/certd.py takes any integer (an expiry past year 9999 fails only at issuance, a "
+    "uid above 2^32-1 can never match)",
+    strict=True,
+)
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (
+            CERT + 'method = "self_signed"\nexpiry_days = 4294967296\n',
+            "cert_issuance.x.expiry_days",
+        ),
+        ("[[principal]]\nuid = 4294967296\ncerts = []\n", "principal[0].uid"),
+    ],
+)
+def test_integers_beyond_the_originals_u32_are_refused(text: str, named: str) -> None:
+    assert named in refusal(HOME + text)
+
+
+# -- end to end: a real aziotd -------------------------------------------------------------------
+
+
+def stopped(daemon: Daemon) -> int:
+    """The exit code of an aziotd expected to exit by itself."""
+    assert daemon.process is not None
+    try:
+        return daemon.process.wait(30)
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait(10)
+        daemon.process = None
+
+
+def test_aziotd_exits_78_on_an_unknown_certd_key(world_dir: Path) -> None:
+    daemon = Daemon(
+        world_dir / "d",
+        {
+            "keyd": keyd_config,
+            "certd": certd_config('[cert_issuance]\nx = { method = "self_signed", expiry = 5 }\n'),
+        },
+    ).start(wait=False)
+    assert stopped(daemon) == 78
+    logs = daemon.logs()
+    assert str(daemon.services["certd"].config) in logs
+    assert "unknown key cert_issuance.x.expiry;" in logs
+    assert not daemon.services["certd"].socket.exists()
+    assert not daemon.services["keyd"].socket.exists()  # nothing is served half-configured
+
+
+def test_aziotd_exits_78_on_certd_without_keyd(world_dir: Path) -> None:
+    missing = world_dir / "d" / "keyd" / "config.toml"
+    daemon = Daemon(
+        world_dir / "d",
+        {"certd": certd_config()},
+        env={"AZIOT_KEYD_CONFIG": str(missing), "AZIOT_KEYD_CONFIG_DIR": str(missing.parent)},
+    ).start(wait=False)
+    assert stopped(daemon) == 78
+    logs = daemon.logs()
+    assert "certd needs keyd in the same aziotd" in logs
+    assert f"no keyd config at {missing}" in logs
+    assert not daemon.services["certd"].socket.exists()
+
+
+def test_the_originals_sample_starts_and_answers(world_dir: Path) -> None:
+    secrets = world_dir / "secrets"
+    secrets.mkdir()
+    (secrets / "est-ca.cer").write_text("est-ca contents\n")
+    sample = ORIGINAL_SAMPLE.replace('homedir_path = "/var/lib/aziot/certd"\n', "").replace(
+        "file:///var/secrets/", f"file://{secrets}/"
+    )
+    daemon = start_certd(world_dir / "d", sample)
+    try:
+        reply = daemon.request("certd", "GET", "/certificates/x?api-version=2020-09-01")
+        assert reply.status == 400
+        assert reply.json() == {
+            "message": 'parameter "id" has an invalid value\ncaused by: not found'
+        }
+        reply = daemon.request("certd", "GET", "/certificates/est-ca")
+        assert (reply.status, reply.json()) == (200, {"pem": "est-ca contents\n"})
+    finally:
+        daemon.stop()
