@@ -72,6 +72,10 @@ class IssuanceOptions:
     subject: dict[str, str] | None = None
     url: str | None = None  # est only
     auth: EstAuth | None = None  # est only
+    # Ours (the original renews only EST identity certs): renew this cert too, by its method,
+    # with the CSR signed by keyd key `key` (default: the cert id, as aziotctl names them).
+    auto_renew: AutoRenew | None = None
+    key: str | None = None
 
 
 @attrs.frozen
@@ -214,20 +218,7 @@ def _est(table: _Table) -> Est:
     trusted = table.strings("trusted_certs") or []
     auth = _auth(table)
     renew = table.table("identity_auto_renew")
-    auto_renew = AutoRenew()
-    if renew is not None:
-        # In the original all three keys are required once the table is present.
-        values = {}
-        for key in ("threshold", "retry"):
-            value = renew.string(key)
-            if value is None:
-                raise ConfigError(f"{renew.name(key)} is missing")
-            values[key] = value
-        rotate = renew.boolean("rotate_key")
-        if rotate is None:
-            raise ConfigError(f"{renew.name('rotate_key')} is missing")
-        renew.refuse_others("known: rotate_key, threshold, retry")
-        auto_renew = AutoRenew(rotate, values["threshold"], values["retry"])
+    auto_renew = AutoRenew() if renew is None else _auto_renew(renew)
     urls: dict[str, str] = {}
     url_table = table.table("urls")
     if url_table is not None:
@@ -240,6 +231,21 @@ def _est(table: _Table) -> Est:
         "bootstrap_identity_cert, bootstrap_identity_pk, identity_auto_renew, urls"
     )
     return Est(trusted, auth, auto_renew, urls)
+
+
+def _auto_renew(renew: _Table) -> AutoRenew:
+    # In the original all three keys are required once the table is present.
+    values = {}
+    for key in ("threshold", "retry"):
+        value = renew.string(key)
+        if value is None:
+            raise ConfigError(f"{renew.name(key)} is missing")
+        values[key] = value
+    rotate = renew.boolean("rotate_key")
+    if rotate is None:
+        raise ConfigError(f"{renew.name('rotate_key')} is missing")
+    renew.refuse_others("known: rotate_key, threshold, retry")
+    return AutoRenew(rotate, values["threshold"], values["retry"])
 
 
 def _cert_key(table: _Table) -> CertKey:
@@ -272,8 +278,11 @@ def _options(table: _Table) -> IssuanceOptions:
             subject[name] = value
     if common_name is not None and subject is not None:
         raise ConfigError(f"{table.where}: set common_name or subject, not both")
+    renew_table = table.table("auto_renew")
+    auto_renew = None if renew_table is None else _auto_renew(renew_table)
+    key = table.string("key")
     url = auth = None
-    known = "method, expiry_days, common_name, subject"
+    known = "method, expiry_days, common_name, subject, auto_renew, key"
     if method == "est":
         raw_url = table.string("url")
         url = None if raw_url is None else _url(raw_url, table.name("url"))
@@ -281,7 +290,7 @@ def _options(table: _Table) -> IssuanceOptions:
         known += ", url, username, password, identity_cert, identity_pk, bootstrap_identity_cert, "
         known += "bootstrap_identity_pk"
     table.refuse_others(f"known for method {method}: {known}")
-    return IssuanceOptions(method, expiry, common_name, subject, url, auth)
+    return IssuanceOptions(method, expiry, common_name, subject, url, auth, auto_renew, key)
 
 
 def _preloaded(table: _Table) -> dict[str, str | list[str]]:

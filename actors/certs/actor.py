@@ -94,6 +94,7 @@ class CertsActor:
     async def start(self) -> None:
         await trio.to_thread.run_sync(self.store.prepare)
         await self._track_est_identities()
+        await self._track_issued()
 
     async def background(self) -> None:
         """The renewal scheduler, for as long as the actor runs."""
@@ -128,12 +129,15 @@ class CertsActor:
         self._authorize(caller, msg.cert_id)
         await self.store.write(msg.cert_id, msg.pem.encode("utf-8"))
         log.info("imported cert %s (%s)", msg.cert_id, caller)
+        await self._follow_change(msg.cert_id)
         return Pem(msg.pem)
 
     async def delete_cert(self, msg: DeleteCert, caller: Caller) -> Nothing:
         self._authorize(caller, msg.cert_id)
         await self.store.remove(msg.cert_id)
         log.info("deleted cert %s (%s)", msg.cert_id, caller)
+        if self._renewals.remove(msg.cert_id):
+            log.info("cert %s is no longer renewed: it was deleted", msg.cert_id)
         return NOTHING
 
     async def create_cert(self, msg: CreateCert, caller: Caller) -> Pem:
@@ -149,6 +153,7 @@ class CertsActor:
             raise internal(INTERNAL_ERROR) from None
         await self.store.write(msg.cert_id, pem)
         log.info("issued cert %s (%s)", msg.cert_id, caller)
+        self._track_issued_cert(msg.cert_id)
         return Pem(pem.decode("utf-8"))
 
     async def reload(self, msg: Reload, caller: Caller) -> Nothing:
@@ -160,6 +165,7 @@ class CertsActor:
         for cert_id in self._renewals.tracked():
             self._renewals.remove(cert_id)
         await self._track_est_identities()
+        await self._track_issued()
         log.info("reloaded cert issuance, preloaded certs and principals")
         return NOTHING
 
@@ -464,17 +470,125 @@ class CertsActor:
         return renewal.AutoRenew.parse(settings.rotate_key, settings.threshold, settings.retry)
 
     def _track(self, identity: CertKey, cert_id: str, options: IssuanceOptions | None) -> None:
-        async def read() -> bytes | None:
-            return await self.store.read(identity.cert)
-
         async def renew(current: bytes, rotate: bool) -> None:
             await self._renew_identity(identity, cert_id, options, current, rotate)
 
-        credential = renewal.Credential(identity.cert, identity.pk, self._policy(), read, renew)
-        if identity.cert in self._renewals:
+        self._track_credential(identity, self._policy(), renew)
+
+    def _track_credential(
+        self,
+        cert_key: CertKey,
+        policy: renewal.AutoRenew,
+        renew: Callable[[bytes, bool], Awaitable[None]],
+    ) -> None:
+        async def read() -> bytes | None:
+            return await self.store.read(cert_key.cert)
+
+        credential = renewal.Credential(cert_key.cert, cert_key.pk, policy, read, renew)
+        if cert_key.cert in self._renewals:
             self._renewals.replace(credential)
         else:
             self._renewals.add(credential)
+
+    async def _follow_change(self, cert_id: str) -> None:
+        """An import replaced `cert_id`: reschedule it if renewed, or start renewing it."""
+        if cert_id in self._renewals:
+            self._renewals.recheck(cert_id)
+            return
+        for identity, owner, options in self._est_identities():
+            if identity.cert == cert_id:
+                self._track(identity, owner, options)
+                return
+        self._track_issued_cert(cert_id)
+
+    # -- renewal of issued certs with `auto_renew` (ours) ------------------------------------
+
+    def _renewed_key(self, cert_id: str) -> tuple[CertKey, IssuanceOptions] | None:
+        options = self.config.certs.get(cert_id)
+        if options is None or options.auto_renew is None:
+            return None
+        return CertKey(cert_id, options.key or cert_id), options
+
+    async def _track_issued(self) -> None:
+        for cert_id in self.config.certs:
+            if cert_id in self._renewals:
+                continue
+            found = self._renewed_key(cert_id)
+            data = await self.store.read(cert_id) if found else None
+            if found is None or data is None:
+                continue
+            await self._finish_rotation(found[0], data)
+            self._track_issued_cert(cert_id)
+
+    def _track_issued_cert(self, cert_id: str) -> None:
+        found = self._renewed_key(cert_id)
+        if found is None:
+            return
+        cert_key, options = found
+        assert options.auto_renew is not None
+        setting = options.auto_renew
+        policy = renewal.AutoRenew.parse(setting.rotate_key, setting.threshold, setting.retry)
+
+        async def renew(current: bytes, rotate: bool) -> None:
+            try:
+                await self._renew_issued(cert_key, options, current, rotate)
+            except IssueFailed as error:
+                raise renewal.RenewalError(str(error)) from None
+
+        self._track_credential(cert_key, policy, renew)
+
+    async def _renew_issued(
+        self, cert_key: CertKey, options: IssuanceOptions, current: bytes, rotate: bool
+    ) -> None:
+        """Issue `cert_key.cert` again by its method, for a new key (`<key>-temp`, then moved
+        into place) or the same one; commit as the EST identity's renewal does."""
+        cert_id = cert_key.cert
+        chain = await self._chain(current, f"cert {cert_id}")
+        if not chain:
+            raise IssueFailed(f"cert {cert_id} holds no certificate")
+        await self._finish_rotation(cert_key, current)
+        key_id = cert_key.pk + TEMP_SUFFIX if rotate else cert_key.pk
+        if rotate:
+            algorithm = issuance.key_algorithm_like(chain[0].public_key())
+            handle = await self._fresh_key_pair(key_id, algorithm)
+        else:
+            handle = await self._load_key_pair(key_id, f"the key of cert {cert_id}")
+        key = await self._signing_key(handle)
+        csr = await trio.to_thread.run_sync(issuance.renewal_csr, chain[0], key)
+        if options.method == "self_signed":
+            pem = await self._sign_locally(cert_id, csr, [], handle, options)
+        else:
+            pem = await self._issue(cert_id, csr, None)
+        await self._commit(cert_key, key_id, current, pem)
+        log.info("renewed cert %s by %s (key %s)", cert_id, options.method, _kept(rotate))
+
+    async def _fresh_key_pair(self, key_id: str, algorithms: str) -> str:
+        """A new key pair under `key_id`: one left there by an earlier attempt is replaced."""
+        try:
+            stale = await self._keys.call(Keys.load_key_pair, LoadKeyPair(key_id))
+            await self._keys.call(Keys.delete_key_pair, DeleteKeyPair(stale.handle))
+        except BusError:
+            pass
+        try:
+            created = await self._keys.call(Keys.create_key_pair, CreateKeyPair(key_id, algorithms))
+        except BusError as error:
+            raise IssueFailed(f"cannot create key {key_id!r}: {error}") from None
+        return created.handle
+
+    async def _commit(self, cert_key: CertKey, key_id: str, old: bytes, pem: bytes) -> None:
+        """Write the new cert, then move a rotated key over the old one. A crash between the
+        two is finished by `_finish_rotation` at the next start or renewal."""
+        await self.store.write(cert_key.cert, pem)
+        if key_id == cert_key.pk:
+            return
+        try:
+            await self._keys.call(Keys.move_key_pair, MoveKeyPair(key_id, cert_key.pk))
+        except BusError as error:
+            await self.store.write(cert_key.cert, old)
+            raise IssueFailed(
+                f"renewed {cert_key.cert} but could not move {key_id} into place ({error}); "
+                "kept the old cert and key"
+            ) from None
 
     async def _finish_rotation(self, identity: CertKey, cert_pem: bytes) -> None:
         """A `<key>-temp` left by an interrupted renewal: moved into place if the cert on disk
@@ -546,18 +660,10 @@ class CertsActor:
             client = (current, await self._load_key_pair(identity.pk, "the EST identity key"))
         key_id = identity.pk + TEMP_SUFFIX if rotate else identity.pk
         if rotate:
-            try:
-                stale = await self._keys.call(Keys.load_key_pair, LoadKeyPair(key_id))
-                await self._keys.call(Keys.delete_key_pair, DeleteKeyPair(stale.handle))
-            except BusError:
-                pass
-        try:
-            created = await self._keys.call(
-                Keys.create_key_pair, CreateKeyPair(key_id, EST_KEY_ALGORITHMS)
-            )
-        except BusError as error:
-            raise IssueFailed(f"cannot create key {key_id!r}: {error}") from None
-        key = await self._signing_key(created.handle)
+            handle = await self._fresh_key_pair(key_id, EST_KEY_ALGORITHMS)
+        else:
+            handle = await self._load_key_pair(key_id, "the EST identity key")
+        key = await self._signing_key(handle)
         csr_der = await trio.to_thread.run_sync(issuance.client_csr, chain[0].subject, key)
         try:
             pem = await self._est_call(url, csr_der, auth, client, reenroll=not expired)
@@ -567,19 +673,12 @@ class CertsActor:
                 raise
             log.info("%s has no /simplereenroll (%s); renewing by /simpleenroll", url, cause)
             pem = await self._est_call(url, csr_der, auth, client)
-        await self.store.write(identity.cert, pem)
-        if rotate:
-            try:
-                await self._keys.call(Keys.move_key_pair, MoveKeyPair(key_id, identity.pk))
-            except BusError as error:
-                await self.store.write(identity.cert, current)
-                raise IssueFailed(
-                    f"renewed {identity.cert} but could not move {key_id} into place ({error}); "
-                    "kept the old cert and key"
-                ) from None
-        log.info(
-            "renewed EST identity cert %s (key %s)", identity.cert, "rotated" if rotate else "kept"
-        )
+        await self._commit(identity, key_id, current, pem)
+        log.info("renewed EST identity cert %s (key %s)", identity.cert, _kept(rotate))
+
+
+def _kept(rotate: bool) -> str:
+    return "rotated" if rotate else "kept"
 
 
 def _text(data: bytes, cert_id: str) -> str:

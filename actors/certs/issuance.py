@@ -166,6 +166,27 @@ def issue(
     return pem + b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issuer_chain)
 
 
+def renewal_csr(current: x509.Certificate, key: SigningKey) -> x509.CertificateSigningRequest:
+    """A CSR asking again for `current`: its subject and extensions (but the key ids, which
+    issuance makes afresh for the possibly new key), signed by the key it will certify."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(current.subject)
+    for extension in current.extensions:
+        if extension.oid in (
+            x509.SubjectKeyIdentifier.oid,
+            x509.AuthorityKeyIdentifier.oid,
+        ):
+            continue
+        builder = builder.add_extension(extension.value, extension.critical)
+    return builder.sign(key, hashes.SHA256())
+
+
+def key_algorithm_like(public: object) -> str:
+    """keyd's name for a new key of the same kind as `public` (a rotated key keeps its kind)."""
+    if isinstance(public, rsa.RSAPublicKey):
+        return f"rsa-{public.key_size}" if public.key_size in (2048, 4096) else "rsa-2048"
+    return "ec-p256"
+
+
 def client_csr(subject: x509.Name, key: SigningKey) -> bytes:
     """A CSR (DER) for an EST identity cert: the subject, EKU clientAuth, SHA-256."""
     builder = (

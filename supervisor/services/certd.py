@@ -24,12 +24,16 @@ from .service import ActorSpec, Service, socket_path
 def check_certd(config: CertdConfig, source: str) -> None:
     """What the config parser leaves to the actors' modules: renewal policy strings, subject
     names OpenSSL understands."""
-    renew = config.est.identity_auto_renew if config.est else None
-    if renew is not None:
+    est_policy = config.est.identity_auto_renew if config.est else None
+    policies = [("cert_issuance.est.identity_auto_renew", est_policy)]
+    policies += [(f"cert_issuance.{i}.auto_renew", o.auto_renew) for i, o in config.certs.items()]
+    for where, policy in policies:
+        if not policy:
+            continue
         try:
-            AutoRenew.parse(renew.rotate_key, renew.threshold, renew.retry)
+            AutoRenew.parse(policy.rotate_key, policy.threshold, policy.retry)
         except ValueError as error:
-            raise ConfigError(f"{source}: cert_issuance.est.identity_auto_renew: {error}") from None
+            raise ConfigError(f"{source}: {where}: {error}") from None
     for cert_id, options in config.certs.items():
         try:
             subject_override(options.common_name, options.subject)
