@@ -23,9 +23,10 @@ against `SSL_CTX_get_options` before anything is written.
 
 Lifetime and threads: the method tables, ex_data indexes and callbacks are created once per
 process and never freed (immutable handles). Each key's ex_data holds the address of its
-`_RemoteKey`, which the `SSLContext` keeps alive as an attribute: OpenSSL signs only during a
-handshake, a handshake needs an `SSLSocket`/`SSLObject`, and each of those holds its context,
-so the signer outlives every call into it; while freeing a key OpenSSL calls none of our code.
+`_RemoteKey`, which the `SSLContext` keeps alive as an attribute: OpenSSL signs only inside a
+call on an `SSLSocket`/`SSLObject` (handshake, renegotiation, post-handshake auth), and each of
+those holds its context, so the signer outlives every call into it; freeing a key calls none of
+our code.
 Keeping the reference on the Python side (not a native one) leaves a cycle through a
 `private_op` that refers back to its client visible to the garbage collector. Handshakes run
 with the GIL released; a callback takes it (ctypes does) and `private_op` may block its thread,
@@ -39,6 +40,7 @@ import functools
 import logging
 import ssl
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,6 +86,12 @@ def client_context(
     makes every signature for that certificate's public key (see `PrivateOp`). Trust is
     OpenSSL's default verify paths (so `SSL_CERT_FILE`/`SSL_CERT_DIR` apply) plus
     `trusted_pems`. Hostname checking and certificate verification stay on.
+
+    `private_op` runs synchronously in the thread doing the handshake, once per full handshake.
+    Under trio, make the TLS calls in a worker thread (`trio.to_thread.run_sync` around a sync
+    `httpx.Client`) and let `private_op` reach the Keys Service with `trio.from_thread.run`:
+    called on the loop's own thread it would stall the loop, or deadlock if it waited on it.
+    It may be called from several threads at once when the context is shared.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
@@ -114,8 +122,16 @@ class _RemoteKey:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
+    def _call(self, algorithm: str, data: bytes) -> bytes:
+        # Timed at debug level: a slow Keys Service (a TPM RSA sign takes ~200 ms) shows here.
+        started = time.perf_counter()
+        result = self.private_op(algorithm, data)
+        elapsed = (time.perf_counter() - started) * 1000
+        logger.debug("%s for %s by private_op in %.1f ms", algorithm, self.label, elapsed)
+        return result
+
     def sign_ecdsa(self, digest: bytes, limit: int) -> bytes:
-        signature = self.private_op("ECDSA", digest)
+        signature = bytes(self._call("ECDSA", digest))
         # Parsing rejects what is not a DER ECDSA-Sig-Value before OpenSSL sends it.
         utils.decode_dss_signature(signature)
         if len(signature) > limit:
@@ -134,11 +150,11 @@ class _RemoteKey:
             if len(data) != size:
                 raise ValueError(f"RSA-NO-PADDING input of {len(data)} bytes, modulus {size}")
             expected = data
-        result = self.private_op(algorithm, data)
+        result = bytes(self._call(algorithm, data))
         value = int.from_bytes(result, "big")
         # A faulty RSA-CRT result would disclose the key's factors to the peer (Boneh, DeMillo,
         # Lipton): check it with the public exponent, cheap for e = 65537, before it is sent.
-        if len(result) > size or pow(value, numbers.e, numbers.n) != int.from_bytes(expected):
+        if value >= numbers.n or pow(value, numbers.e, numbers.n) != int.from_bytes(expected):
             raise ValueError(f"{algorithm} result does not verify with the certificate's key")
         return value.to_bytes(size, "big")
 
@@ -169,20 +185,20 @@ def _make_pkey(lib: _OpenSSL, signer: _RemoteKey) -> int:
     """An EVP_PKEY holding the public key with our method, its ex_data pointing to `signer`."""
     owned: list[tuple[Callable[[Any], None], int]] = []
     try:
-        pkey = _check(lib, lib.EVP_PKEY_new(), "EVP_PKEY_new")
         if isinstance(signer.public, ec.EllipticCurvePublicKey):
             key = _take(owned, lib.EC_KEY_free, _d2i(lib.d2i_EC_PUBKEY, signer.spki))
             # The method must be set before the key goes into the EVP_PKEY: that is when
             # OpenSSL marks it foreign, so that it is not copied into the default provider.
             _check(lib, lib.EC_KEY_set_method(key, lib.ec_method), "EC_KEY_set_method")
             _check(lib, lib.EC_KEY_set_ex_data(key, lib.ec_index, id(signer)), "ex_data")
-            assigned = lib.EVP_PKEY_set1_EC_KEY(pkey, key)
+            assign = lib.EVP_PKEY_set1_EC_KEY
         else:
             key = _take(owned, lib.RSA_free, _d2i(lib.d2i_RSA_PUBKEY, signer.spki))
             _check(lib, lib.RSA_set_method(key, lib.rsa_method), "RSA_set_method")
             _check(lib, lib.RSA_set_ex_data(key, lib.rsa_index, id(signer)), "ex_data")
-            assigned = lib.EVP_PKEY_set1_RSA(pkey, key)
-        if not assigned:
+            assign = lib.EVP_PKEY_set1_RSA
+        pkey = _check(lib, lib.EVP_PKEY_new(), "EVP_PKEY_new")
+        if not assign(pkey, key):  # set1: pkey takes a reference, ours is released below
             lib.EVP_PKEY_free(pkey)
             _check(lib, 0, "EVP_PKEY_set1")
         return pkey
@@ -309,7 +325,12 @@ class _OpenSSL:
 
         def bind(name: str, restype: Any, *argtypes: Any) -> Any:
             # A prototype of our own, so no one else's argtypes on the shared CDLL matter.
-            return ctypes.CFUNCTYPE(restype, *argtypes)((name, lib))
+            try:
+                return ctypes.CFUNCTYPE(restype, *argtypes)((name, lib))
+            except AttributeError:
+                raise RuntimeError(
+                    f"{name} is missing from {ssl.OPENSSL_VERSION} (built without deprecated APIs?)"
+                ) from None
 
         i, u64, ul, long_ = ctypes.c_int, ctypes.c_uint64, ctypes.c_ulong, ctypes.c_long
         self.ERR_clear_error = bind("ERR_clear_error", None)

@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import ctypes
 import datetime
+import gc
 import ipaddress
 import logging
 import queue
@@ -457,6 +458,39 @@ async def test_httpx_in_a_worker_thread_signing_on_the_trio_loop(
 
         assert await trio.to_thread.run_sync(fetch) == "hello device-rsa"
     assert on_loop == ["RSA-NO-PADDING"]
+
+
+def test_socket_keeps_the_signer_alive_without_the_context(
+    pki: Pki, keys: dict[str, PrivateKey]
+) -> None:
+    """The lifetime argument of the module: only the socket refers to the context."""
+    signer = LocalSigner(keys["ec"])
+    chain = pki.chain(pki.client("orphan", keys["ec"]))
+    with TlsServer(pki) as server:
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        tls = client_context(chain, signer, [pki.root.pem]).wrap_socket(
+            raw, server_hostname="localhost", do_handshake_on_connect=False
+        )
+        gc.collect()
+        with tls:
+            tls.do_handshake()
+            tls.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert tls.recv(4096).startswith(b"HTTP/1.1 200")
+    assert signer.calls == ["ECDSA"]
+
+
+def test_contexts_come_and_go(pki: Pki, keys: dict[str, PrivateKey]) -> None:
+    """Keys with our methods are freed with their contexts; the shared methods stay valid."""
+    chains = {kind: pki.chain(pki.client(kind, keys[kind])) for kind in keys}
+    for _ in range(50):
+        for kind, chain in chains.items():
+            client_context(chain, LocalSigner(keys[kind]), [pki.root.pem])
+    gc.collect()
+    signer = LocalSigner(keys["rsa"])
+    with TlsServer(pki) as server:
+        assert (
+            get(client_context(chains["rsa"], signer, [pki.root.pem]), server.port) == b"hello rsa"
+        )
 
 
 def test_server_authentication_stays_on(pki: Pki, keys: dict[str, PrivateKey]) -> None:
