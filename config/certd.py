@@ -10,6 +10,7 @@ misconfigured should say so when it is installed, not weeks later at its first r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,7 +19,10 @@ import attrs
 
 from .loader import ConfigError, ServicePaths, load_merged
 
+log = logging.getLogger(__name__)
+
 METHODS = ("self_signed", "local_ca", "est")
+U32_MAX = 2**32 - 1  # the original reads uids and expiry_days as u32
 DEFAULT_NOT_BEFORE_MARGIN = 300  # seconds; a device clock a few minutes slow still accepts
 
 
@@ -211,6 +215,13 @@ def _url(value: str, where: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.netloc:
         raise ConfigError(f"{where}: {value!r} is not an http:// or https:// URL")
+    if parts.scheme == "http":
+        log.warning(
+            "%s: EST server URL %s is unencrypted HTTP, which exposes the device to "
+            "man-in-the-middle attacks; configure HTTPS on the EST server",
+            where,
+            value,
+        )
     return value
 
 
@@ -267,6 +278,8 @@ def _options(table: _Table) -> IssuanceOptions:
     expiry = table.integer("expiry_days")
     if expiry is not None and expiry <= 0:
         raise ConfigError(f"{table.name('expiry_days')}: expiry_days must be greater than 0")
+    if expiry is not None and expiry > U32_MAX:
+        raise ConfigError(f"{table.name('expiry_days')}: {expiry} is more than {U32_MAX}")
     common_name = table.string("common_name")
     subject_table = table.table("subject")
     subject = None
@@ -354,8 +367,8 @@ def _parse(data: dict[str, Any]) -> CertdConfig:
     for index, raw in enumerate(raw_principals):
         entry = _Table(raw, f"principal[{index}]")
         uid = entry.integer("uid")
-        if uid is None or uid < 0:
-            raise ConfigError(f"{entry.name('uid')}: expected a uid (an integer ≥ 0)")
+        if uid is None or not 0 <= uid <= U32_MAX:
+            raise ConfigError(f"{entry.name('uid')}: expected a uid (an integer 0 to {U32_MAX})")
         patterns = entry.strings("certs")
         if patterns is None:
             raise ConfigError(f"{entry.name('certs')} is missing")

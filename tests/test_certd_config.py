@@ -4,8 +4,6 @@ spec/api.md §4.2–§4.4, the original's aziot-certd-config). Three tests start
 
 The original ignores keys it does not know (serde `flatten`); here they stop the start, so a
 misspelt key is found when the device is installed rather than at its first EST enrollment.
-Where this parser still differs from the original without a reason, the test states the
-behaviour believed right and is marked `xfail(strict=True)`.
 """
 
 from __future__ import annotations
@@ -344,7 +342,9 @@ def test_an_unknown_subject_attribute_from_the_file_names_it(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as caught:
         load_checked(paths)
     message = str(caught.value)
-    assert message.startswith(f"{paths.config_file}: cert_issuance.x.subject: ")
+    assert message.startswith(
+        f"{paths.config_file} (+ {paths.config_dir}/*.toml): cert_issuance.x.subject: "
+    )
     assert "unknown subject attribute 'Colour'" in message
 
 
@@ -671,35 +671,18 @@ def test_renewal_policies_the_original_takes_are_taken(policy: str) -> None:
     assert config.est.identity_auto_renew == AutoRenew(False, policy, policy)
 
 
-@pytest.mark.xfail(
-    reason="check_certd names the table (cert_issuance.est.identity_auto_renew) and the bad "
-    "string but not which key holds it; every other refusal names the key itself",
-    strict=True,
-)
 @pytest.mark.parametrize(("renew", "value", "key"), BAD_POLICIES[:2])
 def test_a_bad_renewal_policy_names_its_key(renew: str, value: str, key: str) -> None:
     message = refusal(HOME + RENEW + f"rotate_key = true\n{renew}\n")
     assert f"cert_issuance.est.identity_auto_renew.{key}" in message, message
 
 
-@pytest.mark.xfail(
-    reason="the original builds subjects with OpenSSL's X509_NAME_add_entry_by_txt, which takes "
-    "any OpenSSL short or long name and dotted OIDs; actors/certs/issuance.py NAME_OIDS (used by "
-    "check_certd) knows a fixed list of names, so a config the original runs is refused",
-    strict=True,
-)
 @pytest.mark.parametrize("name", ["streetAddress", "businessCategory", "2.5.4.5"])
 def test_subject_names_openssl_knows_are_accepted(name: str) -> None:
     config = parse(HOME + CERT + f'method = "local_ca"\nsubject = {{ "{name}" = "v" }}\n')
     assert config.certs["x"].subject == {name: "v"}
 
 
-@pytest.mark.xfail(
-    reason="the original reads expiry_days and principal uid as u32 and refuses larger values at "
-    "load; config/certd.py takes any integer (an expiry past year 9999 fails only at issuance, a "
-    "uid above 2^32-1 can never match)",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("text", "named"),
     [

@@ -17,6 +17,7 @@ calls back to the trio loop for the Keys Service.
 from __future__ import annotations
 
 import datetime
+import re
 import secrets
 
 from cryptography import x509
@@ -56,8 +57,37 @@ NAME_OIDS: dict[str, x509.ObjectIdentifier] = {
     "surname": NameOID.SURNAME,
     "title": NameOID.TITLE,
     "street": NameOID.STREET_ADDRESS,
+    "streetAddress": NameOID.STREET_ADDRESS,
     "postalCode": NameOID.POSTAL_CODE,
+    "businessCategory": NameOID.BUSINESS_CATEGORY,
+    "pseudonym": NameOID.PSEUDONYM,
+    "initials": NameOID.INITIALS,
+    "generationQualifier": NameOID.GENERATION_QUALIFIER,
+    "dnQualifier": NameOID.DN_QUALIFIER,
+    "x500UniqueIdentifier": NameOID.X500_UNIQUE_IDENTIFIER,
+    "jurisdictionC": NameOID.JURISDICTION_COUNTRY_NAME,
+    "jurisdictionCountryName": NameOID.JURISDICTION_COUNTRY_NAME,
+    "jurisdictionST": NameOID.JURISDICTION_STATE_OR_PROVINCE_NAME,
+    "jurisdictionStateOrProvinceName": NameOID.JURISDICTION_STATE_OR_PROVINCE_NAME,
+    "jurisdictionL": NameOID.JURISDICTION_LOCALITY_NAME,
+    "jurisdictionLocalityName": NameOID.JURISDICTION_LOCALITY_NAME,
+    "organizationIdentifier": NameOID.ORGANIZATION_IDENTIFIER,
 }
+_DOTTED = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+
+
+def name_oid(name: str) -> x509.ObjectIdentifier:
+    """A subject attribute by OpenSSL name (short or long) or dotted OID, as OpenSSL takes it."""
+    oid = NAME_OIDS.get(name)
+    if oid is not None:
+        return oid
+    if _DOTTED.fullmatch(name):
+        return x509.ObjectIdentifier(name)
+    raise ValueError(
+        f"unknown subject attribute {name!r}; use an OpenSSL name ({', '.join(NAME_OIDS)}) "
+        "or a dotted OID"
+    )
+
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -74,9 +104,7 @@ def subject_override(common_name: str | None, subject: dict[str, str] | None) ->
         return None
     attributes = []
     for name in sorted(subject):
-        oid = NAME_OIDS.get(name)
-        if oid is None:
-            raise ValueError(f"unknown subject attribute {name!r}; known: {', '.join(NAME_OIDS)}")
+        oid = name_oid(name)
         value = subject[name]
         if name.lower() in ("cn", "commonname"):
             value = value[:CN_MAX_LENGTH]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from aziot.actors.certs.actor import CertsActor
 from aziot.actors.certs.issuance import subject_override
 from aziot.actors.certs.messages import Certs, Reload
-from aziot.actors.certs.renewal import AutoRenew
+from aziot.actors.certs.renewal import parse_policy
 from aziot.actors.keys.messages import Keys
 from aziot.api.certd import CertdApi
 from aziot.bus.bus import Bus
@@ -30,10 +30,11 @@ def check_certd(config: CertdConfig, source: str) -> None:
     for where, policy in policies:
         if not policy:
             continue
-        try:
-            AutoRenew.parse(policy.rotate_key, policy.threshold, policy.retry)
-        except ValueError as error:
-            raise ConfigError(f"{source}: {where}: {error}") from None
+        for key, text in (("threshold", policy.threshold), ("retry", policy.retry)):
+            try:
+                parse_policy(text)
+            except ValueError as error:
+                raise ConfigError(f"{source}: {where}.{key}: {error}") from None
     for cert_id, options in config.certs.items():
         try:
             subject_override(options.common_name, options.subject)
@@ -43,7 +44,7 @@ def check_certd(config: CertdConfig, source: str) -> None:
 
 def load_checked(paths: ServicePaths) -> CertdConfig:
     config = load_certd(paths)
-    check_certd(config, str(paths.config_file))
+    check_certd(config, f"{paths.config_file} (+ {paths.config_dir}/*.toml)")
     return config
 
 
