@@ -37,13 +37,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="aziotd",
         description=(
-            "IoT device identity daemon: serves the Keys Service (and, as they land, the "
-            "Certificates, Identity and TPM services) over Unix sockets, wire-compatible with "
-            "the Azure IoT Identity Service. A service starts when its config file exists."
+            "IoT device identity daemon: serves the Keys Service and the Certificates Service "
+            "(and, as they land, the Identity and TPM services) over Unix sockets, "
+            "wire-compatible with the Azure IoT Identity Service. A service starts when its "
+            "config file exists."
         ),
         epilog=(
             "environment: AZIOT_KEYD_CONFIG (default /etc/aziot/keyd/config.toml), "
-            "AZIOT_KEYD_CONFIG_DIR (default /etc/aziot/keyd/config.d), AZIOT_SOCKET_DIR "
+            "AZIOT_KEYD_CONFIG_DIR (default /etc/aziot/keyd/config.d), AZIOT_CERTD_CONFIG "
+            "(default /etc/aziot/certd/config.toml), AZIOT_CERTD_CONFIG_DIR (default "
+            "/etc/aziot/certd/config.d), AZIOT_SOCKET_DIR "
             "(default /run/aziot), AZIOT_LOG_LEVEL (error, warn, info, debug), AZIOTD_FAULTS "
             "(fault injection rules, see --list-fault-points)."
         ),
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if not services:
         log.error(
             "no service is configured: set AZIOT_KEYD_CONFIG to a keyd config file "
-            "(default /etc/aziot/keyd/config.toml)"
+            "(default /etc/aziot/keyd/config.toml), and AZIOT_CERTD_CONFIG for certd"
         )
         return EXIT_CONFIG
     try:
