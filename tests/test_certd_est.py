@@ -234,3 +234,214 @@ def test_cert_written_is_what_is_returned_after_a_restart(
     assert again.json() == reply.json()
     leaf = x509.load_pem_x509_certificate(again.json()["pem"].encode())
     assert leaf.public_bytes(serialization.Encoding.PEM).decode() in reply.json()["pem"]
+
+
+# -- TLS client certificates whose key stays in keyd: the bootstrap flow, renewal ----------------
+
+
+def x509_config(server: EstServer, boot_cert: Path, extra: str = "") -> str:
+    return f"""
+[preloaded_certs]
+est-server-ca = "file://{server.server_ca_pem_path}"
+bootstrap = "file://{boot_cert}"
+
+[cert_issuance.device-id]
+method = "est"
+
+[cert_issuance.est]
+trusted_certs = ["est-server-ca"]
+identity_cert = "est-id"
+identity_pk = "est-id"
+bootstrap_identity_cert = "bootstrap"
+bootstrap_identity_pk = "bootstrap"
+{extra}
+[cert_issuance.est.urls]
+default = "{server.url}"
+"""
+
+
+@pytest.fixture
+def cert_server(world_dir: Path) -> Iterator[EstServer]:
+    server = EstServer(world_dir / "est", auth=("cert",))
+    server.start()
+    yield server
+    server.stop()
+
+
+def start_x509(
+    world_dir: Path, server: EstServer, extra: str = "", **options
+) -> tuple[Daemon, Path]:
+    boot_cert, boot_key = server.make_bootstrap_identity(world_dir / "boot", "bootstrap-device")
+    keyd_extra = f'[preloaded_keys]\nbootstrap = "file://{boot_key}"\n'
+    config = x509_config(server, boot_cert, extra)
+    return start_certd(world_dir / "d", config, keyd_extra=keyd_extra, **options), boot_cert
+
+
+def keyd_public_key(daemon: Daemon, key_id: str):  # noqa: ANN201
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    reply = daemon.request("keyd", "GET", f"/keypair/{key_id}")
+    if reply.status != 200:
+        return None
+    handle = reply.json()["keyHandle"]
+    point = daemon.request("keyd", "POST", "/parameters/ec-point", {"keyHandle": handle})
+    raw = base64.b64decode(point.json()["value"])
+    return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
+
+
+def test_bootstrap_then_enroll_with_the_est_identity(
+    world_dir: Path, cert_server: EstServer
+) -> None:
+    daemon, _ = start_x509(world_dir, cert_server)
+    try:
+        reply, key = enroll(daemon)
+        assert reply.status == 201, reply.body
+        assert certs_of(reply.json()["pem"])[0].public_key() == key.public_key()
+        enrolls = [r for r in cert_server.requests if r.operation == "simpleenroll"]
+        # First the EST identity, with the bootstrap cert; then the cert asked for, with it.
+        assert [r.client_cert_issuer for r in enrolls] == ["bootstrap", "issuing"]
+        assert enrolls[0].client_cert_subject == "CN=bootstrap-device"
+        assert enrolls[0].csr_subject == "CN=my-device"  # the request's subject, as the original
+        identity = certs_of(cert_file(daemon, "est-id").read_text())[0]
+        assert enrolls[1].client_cert_subject == identity.subject.rfc4514_string()
+        eku = identity.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in eku
+        # The identity's key is keyd's `est-id`: certd never held it.
+        assert identity.public_key() == keyd_public_key(daemon, "est-id")
+        # A second enrollment reuses the identity: no new bootstrap.
+        cert_server.clear_requests()
+        reply, _ = enroll(daemon, cn="second")
+        assert reply.status == 201, reply.body
+        enrolls = [r for r in cert_server.requests if r.operation == "simpleenroll"]
+        assert [r.client_cert_issuer for r in enrolls] == ["issuing"]
+        assert "obtained EST identity cert est-id with the bootstrap identity" in daemon.logs()
+    finally:
+        daemon.stop()
+
+
+def test_deleting_the_identity_bootstraps_again_with_a_new_key(
+    world_dir: Path, cert_server: EstServer
+) -> None:
+    daemon, _ = start_x509(world_dir, cert_server)
+    try:
+        assert enroll(daemon)[0].status == 201
+        first_key = keyd_public_key(daemon, "est-id")
+        assert daemon.request("certd", "DELETE", "/certificates/est-id").status == 204
+        cert_server.clear_requests()
+        assert enroll(daemon)[0].status == 201
+        enrolls = [r for r in cert_server.requests if r.operation == "simpleenroll"]
+        assert [r.client_cert_issuer for r in enrolls] == ["bootstrap", "issuing"]
+        assert keyd_public_key(daemon, "est-id") != first_key
+    finally:
+        daemon.stop()
+
+
+def test_without_a_bootstrap_identity_enrollment_fails_clearly(
+    world_dir: Path, cert_server: EstServer
+) -> None:
+    config = x509_config(cert_server, world_dir / "none.pem")
+    config = config.replace('bootstrap_identity_cert = "bootstrap"\n', "")
+    config = config.replace('bootstrap_identity_pk = "bootstrap"\n', "")
+    daemon = start_certd(world_dir / "d", config)
+    try:
+        reply, _ = enroll(daemon)
+        assert reply.status == 500
+        assert "EST bootstrap identity is not configured" in daemon.logs()
+        assert not cert_file(daemon, "device-id").exists()
+    finally:
+        daemon.stop()
+
+
+def test_the_est_identity_is_renewed_by_reenroll_with_a_rotated_key(
+    world_dir: Path, cert_server: EstServer
+) -> None:
+    # Identity certs that are 90% through their life at once: due at the 80% threshold.
+    cert_server.set_validity(not_before=-9 * 86400, not_after=86400)
+    daemon, _ = start_x509(world_dir, cert_server)
+    try:
+        assert enroll(daemon)[0].status == 201
+        bootstrapped = next(r for r in cert_server.requests if r.operation == "simpleenroll")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "renewed EST identity cert est-id" not in (
+            daemon.logs()
+        ):
+            time.sleep(0.1)
+        assert "renewed EST identity cert est-id (key rotated)" in daemon.logs()
+        reenrolls = [r for r in cert_server.requests if r.operation == "simplereenroll"]
+        # Renewed once: the new cert is as due as the old, so the next try waits the retry.
+        assert len(reenrolls) == 1 and reenrolls[0].client_cert_issuer == "issuing"
+        assert reenrolls[0].client_cert_subject == bootstrapped.issued.subject.rfc4514_string()
+        renewed = certs_of(cert_file(daemon, "est-id").read_text())[0]
+        assert renewed == reenrolls[0].issued
+        assert renewed.public_key() != bootstrapped.issued.public_key()
+        assert renewed.public_key() == keyd_public_key(daemon, "est-id")
+        assert keyd_public_key(daemon, "est-id-temp") is None
+    finally:
+        daemon.stop()
+
+
+def test_renewal_while_the_server_is_down_is_retried_until_it_is_back(
+    world_dir: Path, cert_server: EstServer
+) -> None:
+    import datetime
+
+    daemon, _ = start_x509(world_dir, cert_server)
+    try:
+        assert enroll(daemon)[0].status == 201
+        # An operator imports an identity cert for the same key that is due now: 100 s long,
+        # 85 s gone, retry 4% = every 4 s. The server is down when its renewal comes.
+        now = datetime.datetime.now(datetime.UTC)
+        public = keyd_public_key(daemon, "est-id")
+        name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "my-device")])
+        due = cert_server.cas.issuing.issue(
+            name,
+            public,
+            not_before=now - datetime.timedelta(seconds=85),
+            not_after=now + datetime.timedelta(seconds=15),
+        )
+        pem = due.public_bytes(serialization.Encoding.PEM).decode()
+        cert_server.misbehave("refuse")
+        assert daemon.request("certd", "PUT", "/certificates/est-id", {"pem": pem}).status == 201
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "cert est-id: renewal failed" not in daemon.logs():
+            time.sleep(0.1)
+        line = next(x for x in daemon.logs().splitlines() if "cert est-id: renewal failed" in x)
+        assert "cannot connect to" in line and "retrying at" in line
+        assert cert_file(daemon, "est-id").read_text() == pem  # the old cert stays meanwhile
+        cert_server.behave()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and cert_file(daemon, "est-id").read_text() == pem:
+            time.sleep(0.1)
+        renewed = certs_of(cert_file(daemon, "est-id").read_text())[0]
+        assert renewed != due and renewed.public_key() == keyd_public_key(daemon, "est-id")
+    finally:
+        daemon.stop()
+
+
+def test_an_expired_identity_is_renewed_with_the_bootstrap_cert_after_a_restart(
+    world_dir: Path, cert_server: EstServer
+) -> None:
+    cert_server.set_validity(not_before=-300, not_after=3)
+    daemon, _ = start_x509(world_dir, cert_server)
+    try:
+        assert enroll(daemon)[0].status == 201
+        daemon.stop()
+        time.sleep(4)  # the identity cert expires while the daemon is down
+        cert_server.set_validity(not_before=-300, not_after=30 * 86400)
+        cert_server.clear_requests()
+        renewed_before = daemon.logs().count("renewed EST identity cert")
+        daemon.start()
+        deadline = time.monotonic() + 20
+        while (
+            time.monotonic() < deadline
+            and daemon.logs().count("renewed EST identity cert") == renewed_before
+        ):
+            time.sleep(0.1)
+        enrolls = [r for r in cert_server.requests if r.operation == "simpleenroll"]
+        assert enrolls and enrolls[0].client_cert_issuer == "bootstrap"
+        renewed = certs_of(cert_file(daemon, "est-id").read_text())[0]
+        assert renewed.public_key() == keyd_public_key(daemon, "est-id")
+    finally:
+        daemon.stop()
