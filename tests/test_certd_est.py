@@ -9,6 +9,7 @@ log line that says what the server did.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -443,5 +444,51 @@ def test_an_expired_identity_is_renewed_with_the_bootstrap_cert_after_a_restart(
         assert enrolls and enrolls[0].client_cert_issuer == "bootstrap"
         renewed = certs_of(cert_file(daemon, "est-id").read_text())[0]
         assert renewed.public_key() == keyd_public_key(daemon, "est-id")
+    finally:
+        daemon.stop()
+
+
+SPY = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so"
+
+
+@pytest.mark.skipif(not Path(SPY).exists(), reason="pkcs11-spy (opensc) is not installed")
+def test_an_identity_key_on_a_token_signs_the_handshake_without_leaving_it(
+    world_dir: Path, cert_server: EstServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.softhsm import make_softhsm_token, softhsm_available
+
+    if not softhsm_available():
+        pytest.skip("softhsm2 is not installed")
+    monkeypatch.setenv("SOFTHSM2_CONF", "")  # make_softhsm_token sets it; restored after
+    token = make_softhsm_token(world_dir / "softhsm", label="est-id-token")
+    spy_log = world_dir / "spy.log"
+    # keyd loads pkcs11-spy, which logs every call and passes it on to SoftHSM.
+    keyd_extra = f'pkcs11_lib_path = "{SPY}"\npkcs11_base_slot = "{token.uri()}"\n'
+    env = {
+        "SOFTHSM2_CONF": str(token.conf_path),
+        "PKCS11SPY": token.lib_path,
+        "PKCS11SPY_OUTPUT": str(spy_log),
+    }
+    boot_cert, boot_key = cert_server.make_bootstrap_identity(world_dir / "boot", "boot")
+    config = x509_config(cert_server, boot_cert)
+    keyd_config = keyd_extra + f'[preloaded_keys]\nbootstrap = "file://{boot_key}"\n'
+    # [aziot_keys] settings must precede the preloaded table: put them in the keyd snippet.
+    daemon = start_certd(world_dir / "d", config, keyd_extra=keyd_config, env=env)
+    try:
+        reply, _ = enroll(daemon)
+        assert reply.status == 201, reply.body
+        objects = token.pkcs11_tool("--list-objects").stdout
+        private = objects.split("Private Key Object")[1].split("Object")[0]
+        assert "label:      est-id" in private
+        assert "never extractable" in private and "sensitive" in private
+        calls = spy_log.read_text(errors="replace")
+        # The identity's CSR and the second enrollment's TLS handshake were signed by the
+        # token (the handle-validation key's HMACs are C_Sign calls too).
+        # ECDSA on the token: the identity CSR, then the second enrollment's handshake.
+        assert calls.count("pMechanism->type = CKM_ECDSA") >= 2
+        # No attribute holding private key material was ever asked for.
+        secrets = ("CKA_VALUE", "CKA_PRIVATE_EXPONENT", "CKA_PRIME_1", "CKA_PRIME_2")
+        asked = set(re.findall(r"CKA_[A-Z_0-9]+", calls))
+        assert not asked & set(secrets), asked & set(secrets)
     finally:
         daemon.stop()
