@@ -387,3 +387,36 @@ def test_local_ca_without_its_cert_is_500_naming_it(certd: Daemon) -> None:
     assert reply.status == 500
     assert "the local CA cert 'local-ca' is not in the store" in certd.logs()
     assert store_files(certd) == {}
+
+
+def test_a_certs_actor_crash_is_503_while_keyd_keeps_serving(world_dir: Path) -> None:
+    daemon = start_certd(
+        world_dir / "d", LOCAL_CA, env={"AZIOTD_FAULTS": "bus.deliver.certs=crash*1"}
+    )
+    try:
+        reply = daemon.request("certd", "PUT", "/certificates/x", {"pem": "x"})
+        assert reply.status == 503, reply.body
+        assert "restarted while serving this request" in reply.json()["message"]
+        assert not cert_file(daemon, "x").exists()
+        # keyd never noticed; certd is back once its actor restarted.
+        assert create_key_pair(daemon, "still-served")
+        assert daemon.request("certd", "PUT", "/certificates/x", {"pem": "x"}).status == 201
+        assert "actor certs crashed" in daemon.logs()
+    finally:
+        daemon.stop()
+
+
+def test_a_store_write_fault_is_500_and_leaves_the_old_cert(world_dir: Path) -> None:
+    daemon = start_certd(
+        world_dir / "d", LOCAL_CA, env={"AZIOTD_FAULTS": "certs.store.fsync=error*1"}
+    )
+    try:
+        # The first write fails at fsync: nothing stored. The next one works.
+        reply = daemon.request("certd", "PUT", "/certificates/x", {"pem": "old"})
+        assert (reply.status, reply.json()) == (500, {"message": "internal error"})
+        assert not cert_file(daemon, "x").exists()
+        assert list((daemon.services["certd"].home / "certs").glob(".*.tmp")) == []
+        assert daemon.request("certd", "PUT", "/certificates/x", {"pem": "old"}).status == 201
+        assert cert_file(daemon, "x").read_text() == "old"
+    finally:
+        daemon.stop()

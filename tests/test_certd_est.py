@@ -492,3 +492,32 @@ def test_an_identity_key_on_a_token_signs_the_handshake_without_leaving_it(
         assert not asked & set(secrets), asked & set(secrets)
     finally:
         daemon.stop()
+
+
+def test_https_proxy_tunnels_tls_with_the_client_cert(
+    world_dir: Path, cert_server: EstServer
+) -> None:
+    from tests.connect_proxy import ConnectProxy
+
+    with ConnectProxy() as proxy:
+        env = {"HTTPS_PROXY": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+        daemon, _ = start_x509(world_dir, cert_server, env=env)
+        try:
+            reply, _ = enroll(daemon)
+            assert reply.status == 201, reply.body
+        finally:
+            daemon.stop()
+        # Every EST request went through a CONNECT tunnel to the server...
+        target = f"CONNECT 127.0.0.1:{cert_server.port} HTTP/1.1"
+        assert proxy.seen and all(line == target for line in proxy.seen), proxy.seen
+        # ...and TLS inside it still carried the client certs (bootstrap, then the identity).
+        enrolls = [r for r in cert_server.requests if r.operation == "simpleenroll"]
+        assert [r.client_cert_issuer for r in enrolls] == ["bootstrap", "issuing"]
+
+
+def test_a_slow_server_is_waited_for(basic: Daemon, est_server: EstServer) -> None:
+    est_server.misbehave("slow", seconds=2)
+    started = time.monotonic()
+    reply, _ = enroll(basic)
+    assert reply.status == 201, reply.body
+    assert time.monotonic() - started >= 2
