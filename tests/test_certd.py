@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -418,5 +419,68 @@ def test_a_store_write_fault_is_500_and_leaves_the_old_cert(world_dir: Path) -> 
         assert list((daemon.services["certd"].home / "certs").glob(".*.tmp")) == []
         assert daemon.request("certd", "PUT", "/certificates/x", {"pem": "old"}).status == 201
         assert cert_file(daemon, "x").read_text() == "old"
+    finally:
+        daemon.stop()
+
+
+def test_preloaded_certs_and_bundles(world_dir: Path) -> None:
+    files = world_dir / "preloaded"
+    files.mkdir()
+    (files / "a.pem").write_text("A-PEM\n")
+    (files / "b.pem").write_text("B-PEM\n")
+    config = f"""
+[preloaded_certs]
+a = "file://{files / "a.pem"}"
+b = "file://{files / "b.pem"}"
+gone = "file://{files / "missing.pem"}"
+bundle = ["a", "gone", "b", "stored"]
+loop = ["a", "loop"]
+"""
+    daemon = start_certd(world_dir / "d", config)
+    try:
+        assert daemon.request("certd", "GET", "/certificates/a").json() == {"pem": "A-PEM\n"}
+        assert daemon.request("certd", "PUT", "/certificates/stored", {"pem": "S\n"}).status == 201
+        # Members in order, missing ones skipped.
+        bundle = daemon.request("certd", "GET", "/certificates/bundle")
+        assert bundle.json() == {"pem": "A-PEM\nB-PEM\nS\n"}
+        # A bundle naming itself is read once (the original overflows its stack).
+        assert daemon.request("certd", "GET", "/certificates/loop").json() == {"pem": "A-PEM\n"}
+        assert daemon.request("certd", "GET", "/certificates/gone").status == 400
+        # Writes and deletes of a preloaded id go to its file; of a bundle id, 500.
+        assert daemon.request("certd", "PUT", "/certificates/b", {"pem": "B2\n"}).status == 201
+        assert (files / "b.pem").read_text() == "B2\n"
+        assert daemon.request("certd", "DELETE", "/certificates/a").status == 204
+        assert not (files / "a.pem").exists()
+        reply = daemon.request("certd", "PUT", "/certificates/bundle", {"pem": "x"})
+        assert (reply.status, reply.json()) == (500, {"message": "internal error"})
+        assert daemon.request("certd", "DELETE", "/certificates/bundle").status == 500
+        assert "is a list of IDs, not a single URI" in daemon.logs()
+    finally:
+        daemon.stop()
+
+
+def test_sighup_reloads_principals_and_issuance(world_dir: Path) -> None:
+    import signal
+
+    from tests.test_daemon import NOBODY, as_uid
+
+    daemon = start_certd(world_dir / "d", LOCAL_CA)
+    try:
+        socket = str(daemon.services["certd"].socket)
+        os.chmod(socket, 0o666)
+        path = "/certificates/late?api-version=2020-09-01"
+        assert as_uid(NOBODY, socket, "PUT", path, {"pem": "x"})[0] == 401
+        (daemon.services["certd"].config_dir / "p.toml").write_text(
+            f"[[principal]]\nuid = {NOBODY}\ncerts = ['late']\n"
+        )
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if as_uid(NOBODY, socket, "PUT", path, {"pem": "x"})[0] == 201:
+                break
+            time.sleep(0.1)
+        assert as_uid(NOBODY, socket, "PUT", path, {"pem": "y"})[0] == 201
+        assert "reloaded cert issuance, preloaded certs and principals" in daemon.logs()
     finally:
         daemon.stop()
