@@ -25,12 +25,15 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,8 @@ class EstClient:
 
     def enroll(self, request: EstRequest) -> list[x509.Certificate]:
         """The enrolled cert(s) followed by the CA certs, each in the order the server sent."""
+        import httpx  # here: it costs ~70 ms at start, and only EST needs it
+
         base = request.url if request.url.endswith("/") else request.url + "/"
         headers = {}
         auth = None
@@ -180,6 +185,8 @@ class EstClient:
         headers: dict[str, str],
         what: str,
     ) -> httpx.Response:
+        import httpx
+
         try:
             return client.request(method, url, content=body, headers=headers)
         except httpx.ConnectError as error:

@@ -10,6 +10,7 @@ test runs every declared service in one aziotd.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -17,17 +18,29 @@ from aziot.bus.bus import Bus
 from aziot.bus.faults import Faults
 from aziot.config.loader import ServicePaths
 
-from .certd import certd
-from .keyd import keyd
 from .service import ActorSpec, Builder, Service, socket_path
 
 __all__ = ["SERVICES", "ActorSpec", "Service", "configured_services", "socket_path"]
 
 log = logging.getLogger(__name__)
 
+
+def declared(name: str) -> Builder:
+    """The builder `<name>` of module `.<name>`, imported only when the service is configured:
+    a device running keyd alone does not pay for certd's imports at every start."""
+
+    def build(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, str]) -> Service:
+        module = importlib.import_module(f"{__name__}.{name}")
+        builder: Builder = getattr(module, name)
+        return builder(paths, bus, faults, environ)
+
+    build.__name__ = name
+    return build
+
+
 SERVICES: dict[str, Builder] = {
-    "keyd": keyd,
-    "certd": certd,
+    "keyd": declared("keyd"),
+    "certd": declared("certd"),
 }
 
 
