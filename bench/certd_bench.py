@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import selectors
+import shutil
 import socket
 import subprocess
 import sys
@@ -310,6 +311,7 @@ def main() -> None:
         for (name, connections), figures in results.items()
     }
     print(json.dumps(summary))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
