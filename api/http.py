@@ -41,6 +41,10 @@ STATUS_OF_KIND = {
 }
 
 
+def _visible_ascii(value: bytes) -> bool:
+    return all(32 <= byte < 127 or byte == 9 for byte in value)
+
+
 class HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -220,9 +224,14 @@ class ServiceApp:
         if method not in ("POST", "DELETE", "PUT"):
             raise HttpError(400, "method not allowed")
         content_type = None
+        seen_type = False
         for name, value in incoming.headers:
-            if name == b"content-type":
-                content_type = value.decode("latin-1").split(";", 1)[0].strip()
+            if name == b"content-type" and not seen_type:
+                # hyper's `headers.get` is the first one; a value that is not visible ASCII
+                # fails its `to_str()`, and the original then reads the body as if untyped.
+                seen_type = True
+                if _visible_ascii(value):
+                    content_type = value.decode("ascii").split(";", 1)[0].strip()
             elif name == b"content-length" and value.isdigit() and int(value) > MAX_BODY:
                 raise HttpError(413, "request body too large")
         is_json = content_type is None or content_type == "application/json"

@@ -145,13 +145,6 @@ def test_import_survives_a_restart(certd: Daemon) -> None:
         ("POST", "/certificates/x", {"a": 1}, 400, "method not allowed"),
         ("GET", "/certificates", None, 400, "method not allowed"),
         ("PUT", "/certificates/x", {}, 422, "missing field `pem` at line 1 column 2"),
-        (
-            "PUT",
-            "/certificates/x",
-            {"pem": 5},
-            422,
-            "invalid type: integer `5`, expected a base64-encoded string at line 1 column 10",
-        ),
         ("POST", "/certificates", None, 400, "missing request body"),
         ("POST", "/certificates", {"certId": "x"}, 422, "missing field `csr` at line 1 column 15"),
     ],

@@ -116,11 +116,9 @@ def parse_csr(pem: str) -> x509.CertificateSigningRequest:
     """The CSR of a request, with its self-signature checked: a 400 naming `csr` otherwise."""
     try:
         csr = x509.load_pem_x509_csr(pem.encode("utf-8"))
-        public = csr.public_key()
+        csr.public_key()
     except (ValueError, TypeError, UnicodeEncodeError) as error:
         raise invalid_parameter("csr", _load_failure(pem, error)) from None
-    if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-        raise invalid_parameter("csr", f"unsupported public key type {type(public).__name__}")
     try:
         valid = csr.is_signature_valid
     except Exception as error:  # an unsupported signature algorithm, for one
@@ -136,11 +134,16 @@ def _load_failure(pem: str, error: Exception) -> str:
     return f"the CERTIFICATE REQUEST block is not a valid PKCS#10 request: {error}"
 
 
+_CERT_BLOCK = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
 def parse_chain(pem: bytes) -> list[x509.Certificate]:
-    """Every certificate of a PEM file, in order; [] when it has none."""
-    if b"-----BEGIN" not in pem:
-        return []
-    return x509.load_pem_x509_certificates(pem)
+    """Every certificate of a PEM file, in order; [] when it has none. Blocks of other types
+    (a key, a CSR) are skipped, as OpenSSL's `X509::stack_from_pem` skips them."""
+    blocks = _CERT_BLOCK.findall(pem)
+    return [x509.load_pem_x509_certificate(block) for block in blocks]
 
 
 def issue(
