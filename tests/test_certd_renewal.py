@@ -132,17 +132,20 @@ def test_a_failed_renewal_is_retried_and_a_restart_finishes_it(world_dir: Path) 
     daemon = start_certd(world_dir / "d", CONFIG)
     try:
         issue_ca(daemon)
+        # A cert for keyd's key `same-key`, issued under an id that is not renewed...
+        csr, _ = make_csr("same-key", key=KeydEcKey(daemon, "same-key"))
+        reply = daemon.request(
+            "certd", "POST", "/certificates", {"certId": "not-renewed", "csr": csr}
+        )
+        assert reply.status == 201, reply.body
+        first = certs_of(reply.json()["pem"])[0]
+        # ...then the CA's key goes, and the cert is imported under the renewed id.
         keys = daemon.services["keyd"].home / "keys"
         ca_key_file = next(keys.glob("localca-*.key"))
         saved = ca_key_file.read_bytes()
         ca_key_file.unlink()
-        csr, _ = make_csr("same-key", key=KeydEcKey(daemon, "same-key"))
-        # Issued with the CA key back for a moment, then it is gone again before the renewal.
-        ca_key_file.write_bytes(saved)
-        reply = daemon.request("certd", "POST", "/certificates", {"certId": "same-key", "csr": csr})
-        ca_key_file.unlink()
-        assert reply.status == 201, reply.body
-        first = certs_of(reply.json()["pem"])[0]
+        pem = reply.json()["pem"]
+        assert daemon.request("certd", "PUT", "/certificates/same-key", {"pem": pem}).status == 201
         wait_for(lambda: "cert same-key: renewal failed" in daemon.logs(), "a failed renewal")
         line = next(x for x in daemon.logs().splitlines() if "cert same-key: renewal failed" in x)
         assert "retrying at" in line and "local CA's key" in line

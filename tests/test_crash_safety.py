@@ -105,11 +105,6 @@ def test_acknowledged_cert_writes_survive_sigkill(world_dir: Path) -> None:
     assert background["renewal failures"] == 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="certd bug: an import or deletion of an auto_renew cert acknowledged while its "
-    "renewal is in flight is undone by the renewal's commit (no crash needed)",
-)
 def test_cert_writes_racing_a_renewal_survive_sigkill(world_dir: Path) -> None:
     # As above, but imports and deletions of a renewed id do not wait for its renewal.
     survive_certs(world_dir / "certd", 10, 20261126, race=True)

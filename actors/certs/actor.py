@@ -127,16 +127,19 @@ class CertsActor:
 
     async def import_cert(self, msg: ImportCert, caller: Caller) -> Pem:
         self._authorize(caller, msg.cert_id)
-        await self.store.write(msg.cert_id, msg.pem.encode("utf-8"))
+        async with self._renewals.exclusive(msg.cert_id):
+            await self.store.write(msg.cert_id, msg.pem.encode("utf-8"))
         log.info("imported cert %s (%s)", msg.cert_id, caller)
         await self._follow_change(msg.cert_id)
         return Pem(msg.pem)
 
     async def delete_cert(self, msg: DeleteCert, caller: Caller) -> Nothing:
         self._authorize(caller, msg.cert_id)
-        await self.store.remove(msg.cert_id)
+        async with self._renewals.exclusive(msg.cert_id):
+            await self.store.remove(msg.cert_id)
+            removed = self._renewals.remove(msg.cert_id)
         log.info("deleted cert %s (%s)", msg.cert_id, caller)
-        if self._renewals.remove(msg.cert_id):
+        if removed:
             log.info("cert %s is no longer renewed: it was deleted", msg.cert_id)
         return NOTHING
 
@@ -151,7 +154,9 @@ class CertsActor:
         except IssueFailed as error:
             log.error("cannot issue cert %s (%s): %s", msg.cert_id, caller, error)
             raise internal(INTERNAL_ERROR) from None
-        await self.store.write(msg.cert_id, pem)
+        # A renewal of this id in flight commits first; ours, acknowledged last, stays.
+        async with self._renewals.exclusive(msg.cert_id):
+            await self.store.write(msg.cert_id, pem)
         log.info("issued cert %s (%s)", msg.cert_id, caller)
         self._track_issued_cert(msg.cert_id)
         return Pem(pem.decode("utf-8"))
@@ -379,7 +384,8 @@ class CertsActor:
                 )
             subject = issuance.subject_override(options.common_name, options.subject)
             pem = await self._bootstrap(identity, bootstrap, url, auth, subject or request_subject)
-            await self.store.write(identity.cert, pem)
+            async with self._renewals.exclusive(identity.cert):
+                await self.store.write(identity.cert, pem)
             log.info("obtained EST identity cert %s with the bootstrap identity", identity.cert)
             handle = await self._load_key_pair(identity.pk, "the EST identity key")
             self._track(identity, cert_id, options)
@@ -600,10 +606,15 @@ class CertsActor:
         except BusError:
             return
         try:
-            chain = await self._chain(cert_pem, f"EST identity cert {identity.cert}")
+            chain = await self._chain(cert_pem, f"cert {identity.cert}")
             temp_public = await public_key_of(self._keys, temp.handle)
         except (BusError, KeyNotUsable, ValueError) as error:
-            log.warning("cannot compare %s with cert %s: %s", temp_id, identity.cert, error)
+            log.warning(
+                "cannot compare %s with cert %s; leaving it for the next renewal: %s",
+                temp_id,
+                identity.cert,
+                error,
+            )
             return
         if chain and chain[0].public_key() == temp_public:
             await self._keys.call(Keys.move_key_pair, MoveKeyPair(temp_id, identity.pk))

@@ -22,6 +22,7 @@ Time comes from an injectable `Clock`, so the tests drive weeks of schedule in m
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import heapq
@@ -31,7 +32,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import attrs
@@ -594,6 +595,18 @@ class RenewalEngine:
             if (e := self._entries.get(item[2])) is not None and e.generation == item[3]
         ]
         heapq.heapify(self._heap)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, cert_id: str) -> AsyncIterator[None]:
+        """Hold `cert_id`'s renewal lock: for the owner's own writes of that cert (an import, a
+        delete, an issuance), which must neither interleave with a renewal in flight nor be
+        overwritten by its commit. Not reentrant: never call the engine for the same id
+        inside it."""
+        async with self._lock(cert_id):
+            try:
+                yield
+            finally:
+                self._forget_lock(cert_id)
 
     # -- one check ---------------------------------------------------------------------------
 
