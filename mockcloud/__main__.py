@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 from mockcloud import dps as dps_module
 from mockcloud.cloud import Cloud
 from mockcloud.est import DEFAULT_BASE_PATH, DEFAULT_NOT_AFTER, DEFAULT_NOT_BEFORE, MODES, EstServer
+from mockcloud.https import Lifecycle
 
 log = logging.getLogger("mockcloud")
 
@@ -223,19 +224,7 @@ def _cloud_misbehaviour(text: str) -> tuple[str, str, dict[str, Any]]:
         raise argparse.ArgumentTypeError(
             f"unknown {service} mode {mode!r}; one of {', '.join(modes)}"
         )
-    options: dict[str, Any] = {}
-    for item in filter(None, options_text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in _CLOUD_OPTION_TYPES:
-            raise argparse.ArgumentTypeError(
-                f"bad option {item!r}; use key=value with key one of "
-                + ", ".join(_CLOUD_OPTION_TYPES)
-            )
-        try:
-            options[key] = _CLOUD_OPTION_TYPES[key](value)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"bad value in {item!r}: {error}") from None
-    return service, mode, options
+    return service, mode, _options(options_text, _CLOUD_OPTION_TYPES)
 
 
 def _run_cloud(args: argparse.Namespace) -> int:
@@ -295,15 +284,7 @@ def _run_cloud(args: argparse.Namespace) -> int:
         else:
             raise ValueError(f"--disabled {name!r}: no such enrollment")
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("got %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    with cloud:
+    def setup() -> dict[str, object]:
         for service, mode, options in args.misbehave:
             (cloud.dps if service == "dps" else cloud.hub).misbehave(mode, **options)
         header = {
@@ -313,30 +294,54 @@ def _run_cloud(args: argparse.Namespace) -> int:
             "hub_url": cloud.hub.url,
             "server_ca": str(cloud.server_ca_pem_path),
         }
-        for key, value in {**header, **lines}.items():
-            print(f"{key}: {value}", flush=True)
-        print("ready", flush=True)
-        while not stop.wait(0.5):
-            pass
-    return 0
+        return {**header, **lines}
+
+    return _serve(cloud, setup, ready=True)
 
 
 def _misbehaviour(text: str) -> tuple[str, dict[str, Any]]:
     mode, _, rest = text.partition(":")
     if mode not in MODES:
         raise argparse.ArgumentTypeError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+    return mode, _options(rest, _OPTION_TYPES)
+
+
+def _options(text: str, types: Mapping[str, Callable[[str], Any]]) -> dict[str, Any]:
+    """`key=value,...` as keyword arguments, each value converted by its key's type."""
     options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
-        if not sep or key not in _OPTION_TYPES:
+        if not sep or key not in types:
             raise argparse.ArgumentTypeError(
-                f"bad option {item!r}; use key=value with key one of {', '.join(_OPTION_TYPES)}"
+                f"bad option {item!r}; use key=value with key one of {', '.join(types)}"
             )
         try:
-            options[key] = _OPTION_TYPES[key](value)
+            options[key] = types[key](value)
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"bad value in {item!r}: {error}") from None
-    return mode, options
+    return options
+
+
+def _serve(server: Lifecycle, setup: Callable[[], Mapping[str, object]], *, ready: bool) -> int:
+    """Run `server` until SIGINT or SIGTERM. Once it is up, `setup` applies the misbehaviours
+    and returns what to print, one `key: value` line each (then `ready` if asked)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("got %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with server:
+        for key, value in setup().items():
+            print(f"{key}: {value}", flush=True)
+        if ready:
+            print("ready", flush=True)
+        # A timed wait so the signal handler gets to run promptly on every platform.
+        while not stop.wait(0.5):
+            pass
+    return 0
 
 
 def _run_est(args: argparse.Namespace) -> int:
@@ -361,18 +366,11 @@ def _run_est(args: argparse.Namespace) -> int:
         server.make_bootstrap_identity(args.dir / "identities", cn)
         for cn in args.bootstrap_identity
     ]
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("got %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    with server:
+    def setup() -> dict[str, object]:
         for mode, options in args.misbehave:
             server.misbehave(mode, **options)
-        lines = {
+        lines: dict[str, object] = {
             "url": server.url,
             "server_ca": server.server_ca_pem_path,
             "root_ca": server.root_ca_pem_path,
@@ -382,12 +380,9 @@ def _run_est(args: argparse.Namespace) -> int:
         }
         for cn, (cert, key) in zip(args.bootstrap_identity, identities, strict=True):
             lines[f"bootstrap_identity[{cn}]"] = f"{cert} {key}"
-        for key, value in lines.items():
-            print(f"{key}: {value}", flush=True)
-        # A timed wait so the signal handler gets to run promptly on every platform.
-        while not stop.wait(0.5):
-            pass
-    return 0
+        return lines
+
+    return _serve(server, setup, ready=False)
 
 
 if __name__ == "__main__":

@@ -85,19 +85,7 @@ class CertificateAuthority:
         days: int = CA_DAYS,
     ) -> CertificateAuthority:
         """A self-signed CA. Any name is allowed, so a test can forge a look-alike of another CA."""
-        key = generate_key(key_type)
-        start = now() - BACKDATE
-        cert = _sign(
-            subject=name(subject),
-            public_key=key.public_key(),
-            issuer_name=name(subject),
-            issuer_key=key,
-            issuer_skid=None,
-            not_before=start,
-            not_after=start + datetime.timedelta(days=days),
-            extensions=_ca_extensions(path_length=None),
-        )
-        return cls(cert, key)
+        return cls(*_new_ca(subject, None, key_type=key_type, days=days))
 
     def intermediate(
         self,
@@ -107,16 +95,9 @@ class CertificateAuthority:
         days: int = CA_DAYS,
     ) -> CertificateAuthority:
         """A CA signed by this one, so chains have more than one link."""
-        key = generate_key(key_type)
-        start = now() - BACKDATE
-        cert = self.issue(
-            name(subject),
-            key.public_key(),
-            not_before=start,
-            not_after=start + datetime.timedelta(days=days),
-            extensions=_ca_extensions(path_length=0),
+        return CertificateAuthority(
+            *_new_ca(subject, self, key_type=key_type, days=days), self.chain
         )
-        return CertificateAuthority(cert, key, self.chain)
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
@@ -196,12 +177,12 @@ class CertificateAuthority:
             extensions.append(
                 x509.Extension(x509.ExtendedKeyUsage.oid, False, x509.ExtendedKeyUsage(usages))
             )
-        start = now() - BACKDATE
+        not_before, not_after = _validity(days)
         cert = self.issue(
             name(common_name),
             key.public_key(),
-            not_before=start,
-            not_after=start + datetime.timedelta(days=days),
+            not_before=not_before,
+            not_after=not_after,
             extensions=extensions,
         )
         return cert, key
@@ -239,6 +220,36 @@ class CertificateAuthority:
         if certs[0].public_key() != key.public_key():
             raise ValueError(f"{stem}: key does not match certificate")
         return cls(certs[0], key, tuple(parents))
+
+
+def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
+    """`days` from now, backdated for clients on a skewed clock."""
+    start = now() - BACKDATE
+    return start, start + datetime.timedelta(days=days)
+
+
+def _new_ca(
+    subject: str | x509.Name,
+    parent: CertificateAuthority | None,
+    *,
+    key_type: KeyType,
+    days: int,
+) -> tuple[x509.Certificate, PrivateKey]:
+    """A new CA key and its cert, signed by `parent` (an intermediate) or by itself (a root)."""
+    key = generate_key(key_type)
+    not_before, not_after = _validity(days)
+    subject_name = name(subject)
+    cert = _sign(
+        subject=subject_name,
+        public_key=key.public_key(),
+        issuer_name=subject_name if parent is None else parent.cert.subject,
+        issuer_key=key if parent is None else parent.key,
+        issuer_skid=None if parent is None else _skid_of(parent.cert),
+        not_before=not_before,
+        not_after=not_after,
+        extensions=_ca_extensions(path_length=None if parent is None else 0),
+    )
+    return cert, key
 
 
 def _ca_extensions(path_length: int | None) -> list[x509.Extension[x509.ExtensionType]]:

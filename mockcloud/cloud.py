@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from mockcloud.dps import DEFAULT_ID_SCOPE, DpsServer, TpmBlob, plain_auth_key
+from mockcloud.https import Lifecycle
 from mockcloud.hub import HubServer, Registry
 from mockcloud.service import SeenRequest, TrustStore
 
 
-class Cloud:
+class Cloud(Lifecycle):
     """A `DpsServer` (`dps`) assigning devices to a `HubServer` (`hub`). Files go in
     `directory`: `server-ca.pem` (the TLS trust anchor for both), the servers' certs, and any
     CA a `dps.add_x509_ca_group` makes."""
@@ -83,17 +83,6 @@ class Cloud:
             self.dps.stop()
         finally:
             self.hub.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def id_scope(self) -> str:

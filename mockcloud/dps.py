@@ -51,7 +51,7 @@ import binascii
 import dataclasses
 import secrets
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -63,6 +63,7 @@ from mockcloud.https import HttpRequest, HttpResponse
 from mockcloud.hub import DeviceAuth, HubServer, Registry, new_key
 from mockcloud.service import (
     COMMON_MODES,
+    Call,
     Exchange,
     MockService,
     Rejected,
@@ -420,26 +421,20 @@ class DpsServer(MockService):
         headers = {} if retry_after is None else {"retry-after": retry_after}
         return json_response(status, body, **headers)
 
-    def _answer(
-        self,
-        request: HttpRequest,
-        path: str,
-        query: Mapping[str, str],
-        body: Any,
-        exchange: Exchange,
-    ) -> HttpResponse:
+    def _answer(self, call: Call, exchange: Exchange) -> HttpResponse:
+        request, path = call.request, call.path
         parts = path.split("/")[1:]
         if len(parts) < 4 or parts[1] != "registrations":
             raise self._reject(404, "not_found", f"no such resource {path!r}")
         scope, registration_id, action = parts[0], parts[2], parts[3:]
-        if not query.get("api-version"):
+        if not call.query.get("api-version"):
             raise self._reject(400, "bad_request", "api-version is required")
         if scope != self.id_scope:
             raise self._reject(404, "not_found", f"unknown ID scope {scope!r}")
         if action == ["register"]:
             if request.method != "PUT":
                 raise self._reject(405, "method", "register takes PUT")
-            return self._register(request, registration_id, body, exchange)
+            return self._register(request, registration_id, call.body, exchange)
         if len(action) == 2 and action[0] == "operations":
             if request.method != "GET":
                 raise self._reject(405, "method", "operation status takes GET")

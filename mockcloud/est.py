@@ -24,20 +24,19 @@ import hmac
 import logging
 import re
 import textwrap
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
 from mockcloud import ca
-from mockcloud.https import HttpRequest, HttpResponse, HttpsServer, server_tls_context
+from mockcloud.https import HttpRequest, HttpResponse, server_tls_context
+from mockcloud.service import MockServer
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +50,7 @@ Mode = Literal[
     "slow",
     "refuse",
 ]
-MODES: tuple[Mode, ...] = (
-    "unauthorized",
-    "retry_after",
-    "pem",
-    "wrong_content_type",
-    "broken_chain",
-    "html_error",
-    "slow",
-    "refuse",
-)
+MODES: tuple[Mode, ...] = get_args(Mode)
 AuthMethod = Literal["basic", "cert"]
 Operation = Literal["simpleenroll", "simplereenroll", "cacerts"]
 ClientCertIssuer = Literal["bootstrap", "issuing", "unknown"]
@@ -204,7 +194,7 @@ class EstCas:
         self.bootstrap.save(directory, "bootstrap-ca")
 
 
-class EstServer:
+class EstServer(MockServer[Misbehaviour, SeenRequest]):
     """An EST server on a background thread. See the module docstring for what it is for.
 
     `auth` names what `simpleenroll` (and `cacerts` with `cacerts_auth`) accepts: "basic"
@@ -213,6 +203,10 @@ class EstServer:
     "cert". `auth=()` serves anyone. `simplereenroll` always needs a cert from the issuing CA.
     Validity offsets are seconds from the moment of issue.
     """
+
+    title = "EST server"
+    modes: tuple[str, ...] = MODES
+    _log = log
 
     def __init__(
         self,
@@ -247,7 +241,6 @@ class EstServer:
         self.cacerts_auth = cacerts_auth
         self.check_reenroll_subject = check_reenroll_subject
         self.base_path = "/" + base_path.strip("/")
-        self.host = host
 
         self.cas = EstCas.load_or_create(
             self.directory, intermediate=intermediate, key_type=key_type
@@ -262,53 +255,21 @@ class EstServer:
         self.client_ca_bundle_path = ca.write_certs(
             d / "client-ca-bundle.pem", [self.cas.bootstrap.cert, *self.cas.issuing.chain]
         )
-        # The server cert is remade on every start-up so it always names `host`.
-        server_cert, server_key = self.cas.server_ca.issue_leaf(
-            "mockcloud EST server",
-            client=False,
-            server_hosts=sorted({"127.0.0.1", "localhost", host}),
-            key_type=key_type,
+        self.server_cert_pem_path, self.server_key_pem_path = self._write_server_identity(
+            self.cas.server_ca, d, "server", "mockcloud EST server", (host,), key_type
         )
-        self.server_cert_pem_path = ca.write_certs(d / "server.pem", [server_cert])
-        self.server_key_pem_path = ca.write_key(d / "server.key.pem", server_key)
         # Same name as the issuing CA, other key: chains match by name and fail by signature.
         self._impostor = ca.CertificateAuthority.root(self.cas.issuing.cert.subject)
 
-        self._lock = threading.Lock()
         self._validity = (float(not_before), float(not_after))
-        self._modes: dict[Mode, Misbehaviour] = {}
-        self._seen: list[SeenRequest] = []
         tls = server_tls_context(
             str(self.server_cert_pem_path),
             str(self.server_key_pem_path),
             str(self.client_ca_bundle_path),
         )
-        self._http = HttpsServer(self._serve, tls, host=host, port=port, name="mockcloud-est")
+        super().__init__(self._serve, tls, host=host, port=port, name="mockcloud-est")
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        self._http.start()
-        log.info("EST server at %s", self.url)
-        return self
-
-    def stop(self) -> None:
-        self._http.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._http.port
+    # -- addresses -------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
@@ -334,30 +295,7 @@ class EstServer:
         """Start misbehaving in `mode` (replacing earlier settings of the same mode; other modes
         stay on). `refuse` closes the port until `behave()` and ignores `count`; `retry_after`
         affects only enroll requests, as RFC 7030 §4.2.3 defines it only for them."""
-        if mode not in MODES:
-            raise ValueError(f"unknown misbehaviour {mode!r}; one of {', '.join(MODES)}")
-        if count is not None and count < 1:
-            raise ValueError("count must be at least 1")
-        if mode == "refuse":
-            self._http.pause()
-        with self._lock:
-            self._modes[mode] = Misbehaviour(mode, count, seconds, content_type, target)
-        log.info("EST server misbehaves: %s (count=%s)", mode, count)
-
-    def behave(self, mode: Mode | None = None) -> None:
-        """Stop misbehaving in `mode`, or in every mode."""
-        with self._lock:
-            dropped = [mode] if mode is not None else list(self._modes)
-            for each in dropped:
-                self._modes.pop(each, None)
-        if "refuse" in dropped and self._http.started and not self._http.listening:
-            self._http.resume()
-        log.info("EST server behaves again (%s)", mode or "all modes")
-
-    @property
-    def misbehaviours(self) -> dict[Mode, Misbehaviour]:
-        with self._lock:
-            return dict(self._modes)
+        self._misbehave(Misbehaviour(mode, count, seconds, content_type, target))
 
     def set_validity(
         self, *, not_before: float | None = None, not_after: float | None = None
@@ -370,16 +308,6 @@ class EstServer:
                 nb if not_before is None else float(not_before),
                 na if not_after is None else float(not_after),
             )
-
-    @property
-    def requests(self) -> list[SeenRequest]:
-        """Every request seen so far, oldest first (a copy)."""
-        with self._lock:
-            return list(self._seen)
-
-    def clear_requests(self) -> None:
-        with self._lock:
-            self._seen.clear()
 
     # -- client identities -----------------------------------------------------------------
 
@@ -431,8 +359,7 @@ class EstServer:
             # Not dataclasses.asdict: it would deep-copy the issued certificate.
             **{f.name: getattr(exchange, f.name) for f in dataclasses.fields(exchange)},
         )
-        with self._lock:
-            self._seen.append(seen)
+        self._record(seen)
         log.info(
             "%s %s -> %d auth=%s user=%s cert=%s csr=%s%s",
             request.method,
@@ -592,25 +519,6 @@ class EstServer:
             body.encode(),
             {"content-type": content_type, "content-transfer-encoding": "base64"},
         )
-
-    def _take(
-        self,
-        mode: Mode,
-        exchange: _Exchange,
-        applies: Callable[[Misbehaviour], bool] | None = None,
-    ) -> Misbehaviour | None:
-        """The misbehaviour `mode` if it is on (and `applies` to it), using up one of its count."""
-        with self._lock:
-            current = self._modes.get(mode)
-            if current is None or (applies is not None and not applies(current)):
-                return None
-            if current.count is not None:
-                if current.count <= 1:
-                    del self._modes[mode]
-                else:
-                    self._modes[mode] = dataclasses.replace(current, count=current.count - 1)
-        exchange.misbehaviour = mode
-        return current
 
 
 def _check_same_subject(csr: x509.CertificateSigningRequest, cert: x509.Certificate | None) -> None:

@@ -188,7 +188,28 @@ def _close(connection: socket.socket) -> None:
     connection.close()
 
 
-class HttpsServer:
+class Lifecycle:
+    """`with` support for anything that starts and stops: `start()` on entry, `stop()` on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class HttpsServer(Lifecycle):
     """Serves `app` on `host:port` (port 0: any free one) from a background thread."""
 
     def __init__(
@@ -286,14 +307,3 @@ class HttpsServer:
         listener.drop_connections()
         if thread is not None:
             thread.join()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

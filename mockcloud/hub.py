@@ -49,6 +49,7 @@ from mockcloud import sas
 from mockcloud.https import HttpRequest, HttpResponse
 from mockcloud.service import (
     COMMON_MODES,
+    Call,
     Exchange,
     MockService,
     Rejected,
@@ -323,18 +324,12 @@ class HubServer(MockService):
         names = self.hostnames
         return host if host in names else names[0]
 
-    def _answer(
-        self,
-        request: HttpRequest,
-        path: str,
-        query: Mapping[str, str],
-        body: Any,
-        exchange: Exchange,
-    ) -> HttpResponse:
+    def _answer(self, call: Call, exchange: Exchange) -> HttpResponse:
+        request, path = call.request, call.path
         parts = [unquote(p) for p in path.split("/")[1:]]
         if len(parts) < 3 or parts[0] != "devices" or not parts[1]:
             raise self._reject(404, "not_found", f"no such resource {path!r}")
-        if not query.get("api-version"):
+        if not call.query.get("api-version"):
             raise self._reject(400, "bad_request", "api-version is required")
         hub = self._hub_for(request)
         device_id, rest = parts[1], parts[2:]
@@ -363,7 +358,7 @@ class HubServer(MockService):
                     module = self._module(hub, device_id, module_id)
                     return json_response(200, module.to_json(), etag=f'"{module.etag}"')
             if method == "PUT":
-                return self._put_module(request, hub, device_id, module_id, body)
+                return self._put_module(request, hub, device_id, module_id, call.body)
             return self._delete_module(request, hub, device_id, module_id)
         raise self._reject(404, "not_found", f"no such resource {path!r}")
 

@@ -19,11 +19,10 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from cryptography import x509
@@ -31,7 +30,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
 from mockcloud import ca
-from mockcloud.https import HttpRequest, HttpResponse, HttpsServer
+from mockcloud.https import (
+    App,
+    HttpRequest,
+    HttpResponse,
+    HttpsServer,
+    Lifecycle,
+    server_tls_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +97,16 @@ class Exchange:
     identity: str | None = None
     error: str | None = None
     misbehaviour: str | None = None
+
+
+@dataclass(frozen=True)
+class Call:
+    """A request as the doubles read it."""
+
+    request: HttpRequest
+    path: str  # without the query
+    query: Mapping[str, str]
+    body: Any  # parsed JSON, or None
 
 
 def json_response(status: int, body: Any, **headers: str) -> HttpResponse:
@@ -158,17 +174,167 @@ def load_or_create_server_ca(directory: Path) -> ca.CertificateAuthority:
 def client_tls_server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     """TLS 1.2+ server context asking every client for a cert (optional), trusting only what a
     `TrustStore` adds, partial chains allowed."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(cert_path), str(key_path))
+    context = server_tls_context(str(cert_path), str(key_path))
     context.verify_mode = ssl.CERT_OPTIONAL
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return context
 
 
-class MockService:
-    """Base of `DpsServer` and `HubServer`: lifecycle, TLS, misbehaviours, request records.
-    Subclasses implement `_answer` and the service's error bodies."""
+class _Switch(Protocol):
+    """What `MockServer` needs of a misbehaviour: its mode and how many more requests."""
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def count(self) -> int | None: ...
+
+
+class _Shaped(Protocol):
+    """What `MockServer` needs of an exchange: where to note the misbehaviour that shaped it."""
+
+    misbehaviour: Any
+
+
+SwitchT = TypeVar("SwitchT", bound=_Switch)
+SeenT = TypeVar("SeenT")
+
+
+class MockServer(Lifecycle, Generic[SwitchT, SeenT]):
+    """Base of every mock cloud server (EST, DPS, IoT Hub): an `HttpsServer` on a background
+    thread, misbehaviours switched on and off from any thread, and request records.
+
+    Subclasses set `title` (for logs) and `modes`, give their public `misbehave` its options
+    and call `_misbehave`, consult `_take` while answering, and `_record` what they saw."""
+
+    title: str = "mock server"
+    modes: tuple[str, ...] = ()
+    _log: logging.Logger = log
+
+    def __init__(self, app: App, tls: ssl.SSLContext, *, host: str, port: int, name: str) -> None:
+        self.host = host
+        self._lock = threading.RLock()
+        self._modes: dict[str, SwitchT] = {}
+        self._seen: list[SeenT] = []
+        self._http = HttpsServer(app, tls, host=host, port=port, name=name)
+
+    @staticmethod
+    def _write_server_identity(
+        server_ca: ca.CertificateAuthority,
+        directory: Path,
+        stem: str,
+        common_name: str,
+        hosts: Iterable[str],
+        key_type: ca.KeyType = "ec-p256",
+    ) -> tuple[Path, Path]:
+        """A TLS server cert for `hosts` (and 127.0.0.1, localhost) and its key, as
+        `<stem>.pem` and `<stem>.key.pem` under `directory`. Remade on every start-up so it
+        always names the current hosts."""
+        cert, key = server_ca.issue_leaf(
+            common_name,
+            client=False,
+            server_hosts=sorted({"127.0.0.1", "localhost", *hosts}),
+            key_type=key_type,
+        )
+        return (
+            ca.write_certs(directory / f"{stem}.pem", [cert]),
+            ca.write_key(directory / f"{stem}.key.pem", key),
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        self._http.start()
+        self._log.info("%s at %s", self.title, self.url)
+        return self
+
+    def stop(self) -> None:
+        self._http.stop()
+
+    @property
+    def port(self) -> int:
+        return self._http.port
+
+    @property
+    def url(self) -> str:
+        """`https://<host>:<port>` (no trailing slash)."""
+        return f"https://{self.host}:{self.port}"
+
+    # -- misbehaviour (any thread) ---------------------------------------------------------
+
+    def _misbehave(self, misbehaviour: SwitchT) -> None:
+        """Start `misbehaviour` (replacing an earlier setting of its mode; other modes stay
+        on). `refuse` closes the port until `behave()` and ignores `count`."""
+        mode, count = misbehaviour.mode, misbehaviour.count
+        if mode not in self.modes:
+            raise ValueError(f"unknown misbehaviour {mode!r}; one of {', '.join(self.modes)}")
+        if count is not None and count < 1:
+            raise ValueError("count must be at least 1")
+        if mode == "refuse":
+            self._http.pause()
+        with self._lock:
+            self._modes[mode] = misbehaviour
+        self._log.info("%s misbehaves: %s (count=%s)", self.title, mode, count)
+
+    def behave(self, mode: str | None = None) -> None:
+        """Stop misbehaving in `mode`, or in every mode."""
+        with self._lock:
+            dropped = [mode] if mode is not None else list(self._modes)
+            for each in dropped:
+                self._modes.pop(each, None)
+        if "refuse" in dropped and self._http.started and not self._http.listening:
+            self._http.resume()
+        self._log.info("%s behaves again (%s)", self.title, mode or "all modes")
+
+    @property
+    def misbehaviours(self) -> dict[str, SwitchT]:
+        with self._lock:
+            return dict(self._modes)
+
+    def _take(
+        self,
+        mode: str,
+        exchange: _Shaped | None = None,
+        applies: Callable[[SwitchT], bool] | None = None,
+    ) -> SwitchT | None:
+        """The misbehaviour `mode` if it is on (and `applies` to it), using up one of its
+        count; noted in `exchange` as what shaped the answer."""
+        with self._lock:
+            current = self._modes.get(mode)
+            if current is None or (applies is not None and not applies(current)):
+                return None
+            if current.count is not None:
+                if current.count <= 1:
+                    del self._modes[mode]
+                else:
+                    self._modes[mode] = dataclasses.replace(  # type: ignore[type-var]
+                        current, count=current.count - 1
+                    )
+        if exchange is not None:
+            exchange.misbehaviour = mode
+        return current
+
+    # -- records ---------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[SeenT]:
+        """Every request seen so far, oldest first (a copy)."""
+        with self._lock:
+            return list(self._seen)
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+    def _record(self, seen: SeenT) -> None:
+        with self._lock:
+            self._seen.append(seen)
+
+
+class MockService(MockServer[Misbehaviour, SeenRequest]):
+    """Base of `DpsServer` and `HubServer`: TLS with a runtime trust store, the common
+    misbehaviours, JSON request records. Subclasses implement `_answer` and the service's error
+    bodies."""
 
     service: Service
     modes: tuple[str, ...] = COMMON_MODES
@@ -184,121 +350,33 @@ class MockService:
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.host = host
         self.trust = trust if trust is not None else TrustStore()
         self.server_ca = load_or_create_server_ca(self.directory)
         self.server_ca_pem_path = self.directory / "server-ca.pem"
-        cert, key = self.server_ca.issue_leaf(
+        self.server_cert_pem_path, self.server_key_pem_path = self._write_server_identity(
+            self.server_ca,
+            self.directory,
+            f"{self.service}-server",
             f"mockcloud {self.service} server",
-            client=False,
-            server_hosts=sorted({"127.0.0.1", "localhost", host, *server_hosts}),
-        )
-        self.server_cert_pem_path = ca.write_certs(
-            self.directory / f"{self.service}-server.pem", [cert]
-        )
-        self.server_key_pem_path = ca.write_key(
-            self.directory / f"{self.service}-server.key.pem", key
+            (host, *server_hosts),
         )
         self._tls = client_tls_server_context(self.server_cert_pem_path, self.server_key_pem_path)
         self.trust.attach(self._tls)
-        self._lock = threading.RLock()
-        self._modes: dict[str, Misbehaviour] = {}
-        self._seen: list[SeenRequest] = []
-        self._http = HttpsServer(
+        self.title = f"{self.service} double"
+        super().__init__(
             self._serve, self._tls, host=host, port=port, name=f"mockcloud-{self.service}"
         )
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        self._http.start()
-        log.info("%s double at %s", self.service, self.url)
-        return self
-
-    def stop(self) -> None:
-        self._http.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._http.port
-
-    @property
-    def url(self) -> str:
-        """`https://<host>:<port>` (no trailing slash)."""
-        return f"https://{self.host}:{self.port}"
 
     def trust_client_cert(self, cert: x509.Certificate) -> None:
         """Let `cert` (a CA or a leaf) through the TLS handshake, so the HTTP layer decides."""
         self.trust.add(cert)
-
-    # -- misbehaviour (any thread) ---------------------------------------------------------
 
     def misbehave(
         self, mode: str, *, count: int | None = None, seconds: float = 1.0, status: int = 500
     ) -> None:
         """Start misbehaving in `mode` (replacing an earlier setting of that mode; other modes
         stay on). `refuse` closes the port until `behave()` and ignores `count`."""
-        if mode not in self.modes:
-            raise ValueError(f"unknown misbehaviour {mode!r}; one of {', '.join(self.modes)}")
-        if count is not None and count < 1:
-            raise ValueError("count must be at least 1")
-        if mode == "refuse":
-            self._http.pause()
-        with self._lock:
-            self._modes[mode] = Misbehaviour(mode, count, seconds, status)
-        log.info("%s double misbehaves: %s (count=%s)", self.service, mode, count)
-
-    def behave(self, mode: str | None = None) -> None:
-        """Stop misbehaving in `mode`, or in every mode."""
-        with self._lock:
-            dropped = [mode] if mode is not None else list(self._modes)
-            for each in dropped:
-                self._modes.pop(each, None)
-        if "refuse" in dropped and self._http.started and not self._http.listening:
-            self._http.resume()
-
-    @property
-    def misbehaviours(self) -> dict[str, Misbehaviour]:
-        with self._lock:
-            return dict(self._modes)
-
-    def _take(self, mode: str, exchange: Exchange | None = None) -> Misbehaviour | None:
-        """The misbehaviour `mode` if it is on, using up one of its count."""
-        with self._lock:
-            current = self._modes.get(mode)
-            if current is None:
-                return None
-            if current.count is not None:
-                if current.count <= 1:
-                    del self._modes[mode]
-                else:
-                    self._modes[mode] = dataclasses.replace(current, count=current.count - 1)
-        if exchange is not None:
-            exchange.misbehaviour = mode
-        return current
-
-    # -- records ---------------------------------------------------------------------------
-
-    @property
-    def requests(self) -> list[SeenRequest]:
-        """Every request seen so far, oldest first (a copy)."""
-        with self._lock:
-            return list(self._seen)
-
-    def clear_requests(self) -> None:
-        with self._lock:
-            self._seen.clear()
+        self._misbehave(Misbehaviour(mode, count, seconds, status))
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -313,9 +391,8 @@ class MockService:
             except ValueError:
                 body = None
         try:
-            response = self._common(request, exchange) or self._answer(
-                request, split.path, query, body, exchange
-            )
+            call = Call(request, split.path, query, body)
+            response = self._common(request, exchange) or self._answer(call, exchange)
         except Rejected as rejected:
             response = rejected.response
             exchange.error = rejected.reason
@@ -341,8 +418,7 @@ class MockService:
             error=exchange.error,
             misbehaviour=exchange.misbehaviour,
         )
-        with self._lock:
-            self._seen.append(seen)
+        self._record(seen)
         log.info(
             "%s %s %s -> %d%s%s",
             self.service,
@@ -370,14 +446,7 @@ class MockService:
             return self._error(401, "unauthorized", "Unauthorized")
         return None
 
-    def _answer(
-        self,
-        request: HttpRequest,
-        path: str,
-        query: Mapping[str, str],
-        body: Any,
-        exchange: Exchange,
-    ) -> HttpResponse:
+    def _answer(self, call: Call, exchange: Exchange) -> HttpResponse:
         raise NotImplementedError
 
     def _error(
