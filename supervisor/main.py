@@ -101,7 +101,10 @@ async def run_daemon(bus: Bus, services: list[Service], faults: Faults, launched
             for spec in service.actors:
                 await actors.start(supervise, bus, spec.name, spec.start, faults, policy)
         async with trio.open_nursery() as facades:
-            for service in services:
+
+            async def serve(
+                service: Service, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+            ) -> None:
                 sock = systemd.pick_activated(service.name, activated, len(services))
                 origin = "systemd" if sock is not None else str(service.socket)
                 if sock is None:
@@ -114,6 +117,18 @@ async def run_daemon(bus: Bus, services: list[Service], faults: Faults, launched
                     origin,
                     service.max_connections,
                 )
+                task_status.started()
+
+            async def serve_when_ready(service: Service) -> None:
+                assert service.ready is not None
+                await service.ready()
+                await serve(service)
+
+            for service in services:
+                if service.ready is None:
+                    await facades.start(serve, service)
+                else:
+                    facades.start_soon(serve_when_ready, service)
             systemd.notify("READY=1")
             log.info(
                 "ready in %.0f ms: %s",

@@ -44,6 +44,9 @@ class Service:
     actors: list[ActorSpec]
     app: ServiceApp
     reload: Callable[[Bus], Awaitable[None]]
+    # Awaited before the socket serves (identityd: once provisioned or on its backup); the
+    # other services' sockets do not wait for it.
+    ready: Callable[[], Awaitable[None]] | None = None
 
 
 Builder = Callable[[ServicePaths, Bus, Faults, dict[str, str]], Service]
