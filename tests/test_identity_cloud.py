@@ -772,3 +772,35 @@ def test_module_json_mapping() -> None:
         None,
         AuthMechanism(SymmetricKey(None, b"\x00\x01\x02"), None, "selfSigned"),
     )
+
+
+async def test_from_a_trio_actor(cloud: Cloud) -> None:
+    """How identityd calls it: the client in a worker thread, the HMAC done on the trio loop
+    (keyd's place) through `trio.from_thread.run`."""
+    import trio
+
+    key = key_bytes(cloud.dps.add_symmetric_enrollment("trio-dev").primary_key)
+    loop_signs: list[bytes] = []
+
+    async def keyd_sign(data: bytes) -> bytes:  # stands in for keyd's /sign
+        await trio.sleep(0)
+        loop_signs.append(data)
+        return hmac.new(key, data, hashlib.sha256).digest()
+
+    def sign(data: bytes) -> bytes:
+        return trio.from_thread.run(keyd_sign, data)
+
+    def provision_in_thread() -> tuple[str, list[str]]:
+        with CloudClient(server_trust(cloud), sleep=lambda _: None) as client:
+            assignment = dps_client(cloud, client, "trio-dev").register(sign)
+            hub = HubClient(
+                client,
+                iothub_hostname=assignment.assigned_hub,
+                device_id=assignment.device_id,
+                sign=sign,
+            )
+            hub.create_module("m")
+            return assignment.device_id, [m.module_id for m in hub.list_modules()]
+
+    assert await trio.to_thread.run_sync(provision_in_thread) == ("trio-dev", ["m"])
+    assert len(loop_signs) == 3  # one DPS token for the round, one per Hub request
