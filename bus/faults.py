@@ -36,6 +36,9 @@ POINTS: dict[str, str] = {
     "certs.store.write": "writing a cert file (before the atomic rename)",
     "certs.store.fsync": "fsync of a cert file",
     "est.request": "each enrollment with an EST server (before it is sent)",
+    "identity.state.write": "writing identityd's device_info, prev_state or a module backup",
+    "identity.state.fsync": "fsync of one of identityd's state files",
+    "identity.cloud": "each DPS or IoT Hub call (before it is sent)",
 }
 
 

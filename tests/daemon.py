@@ -67,6 +67,9 @@ def keyd_config(service: ServiceDir) -> str:
 MINIMAL_CONFIGS: dict[str, Snippet] = {
     "keyd": keyd_config,
     "certd": lambda service: f'homedir_path = "{service.home}"\n',
+    "identityd": lambda service: (
+        f'hostname = "test-device"\nhomedir = "{service.home}"\n[provisioning]\nsource = "none"\n'
+    ),
 }
 
 

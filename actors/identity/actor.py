@@ -1,0 +1,456 @@
+"""The identity actor: provisioning, the device and module identities, and identityd's API.
+
+It follows the original's `IdentityManager` (spec/provisioning.md §10–§12, spec/api.md §5):
+provisioning before serving (manual from the config, DPS with its `device_info` backup reused
+at start), module identities kept in the hub with keys derived in keyd from the master key
+`aziot_identityd_master_id` (nothing secret is stored), reconciliation of the principals' modules
+with the hub, a backup of each module served when the hub is unreachable. Two differences, both
+where the original's users get stuck: a start with the cloud unreachable and no backup keeps
+trying (the original exits and lets systemd retry), and everything the cloud is asked happens in
+a worker thread so that a slow cloud never holds up the other services of this daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from aziot.actors.keys.messages import (
+    CreateDerivedKey,
+    CreateKey,
+    ExportDerivedKey,
+    Keys,
+    LoadKey,
+    Sign,
+)
+from aziot.actors.texts import INTERNAL_ERROR, invalid_parameter
+from aziot.bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
+from aziot.bus.faults import Faults
+from aziot.bus.protocol import NOTHING, Caller, Client, Nothing, dispatcher
+
+from . import cloudcalls
+from .callers import Callers
+from .cloudcalls import CloudFailed
+from .messages import (
+    CreateModule,
+    DeleteModule,
+    GetDevice,
+    GetIdentity,
+    GetModule,
+    GetProvisioning,
+    Identity,
+    Json,
+    ListModules,
+    Reload,
+    Reprovision,
+    UpdateModule,
+)
+from .state import DeviceInfo, StateFiles
+
+log = logging.getLogger(__name__)
+
+MASTER_KEY_ID = "aziot_identityd_master_id"
+RETRY_FIRST, RETRY_MOST = 5.0, 300.0  # seconds between provisioning attempts at start
+
+
+def for_client(error: CloudFailed) -> BusError:
+    """The original answers 404 for every DPS and hub client error, with the cause."""
+    return BusError(ErrorKind.NOT_FOUND, f"{error.service} client error\ncaused by: {error.cause}")
+
+
+@attrs.frozen
+class Device:
+    """The provisioned device: where it lives in the cloud and how it proves who it is."""
+
+    info: DeviceInfo
+    auth: str  # "sas", "x509" or "tpm"
+    key_id: str | None  # keyd key of a SAS device
+
+
+def device_not_found() -> BusError:
+    return invalid("device identity not found")
+
+
+class IdentityActor:
+    """Owns identityd's state; served through `Identity`."""
+
+    def __init__(
+        self,
+        config: Any,
+        faults: Faults,
+        keys: Client,
+        *,
+        cloud: cloudcalls.Cloud | None = None,
+        ready: trio.Event | None = None,
+    ) -> None:
+        self.config = config
+        self._keys = keys
+        self._faults = faults
+        self._state = StateFiles(config.homedir, faults)
+        self._callers = Callers(config.principal)
+        self._cloud = cloud or cloudcalls.Cloud(config, faults)
+        self._device: Device | None = None
+        self._changes = trio.Lock()  # provisioning and reconciliation, one at a time
+        self.ready = ready if ready is not None else trio.Event()
+        self._dispatch = dispatcher(Identity, self)
+
+    async def start(self) -> None:
+        await trio.to_thread.run_sync(self._state.prepare)
+
+    async def background(self) -> None:
+        """Provision (or take the backup), reconcile, and only then let the socket serve."""
+        delay = RETRY_FIRST
+        while True:
+            try:
+                await self._provision_at_start()
+                break
+            except CloudFailed as error:
+                log.error(
+                    "provisioning failed (%s client: %s); trying again in %.0f s",
+                    error.service,
+                    error.cause,
+                    delay,
+                )
+            except BusError as error:
+                log.error("provisioning failed: %s; trying again in %.0f s", error.message, delay)
+            await trio.sleep(delay * (0.9 + 0.2 * random.random()))
+            delay = min(delay * 2, RETRY_MOST)
+        self.ready.set()
+        await trio.sleep_forever()
+
+    async def handle(self, op: str, args: dict[str, Any], caller: list[Any] | None) -> Any:
+        try:
+            return await self._dispatch(op, args, caller)
+        except CloudFailed as error:
+            log.warning("%s failed: %s client error: %s", op, error.service, error.cause)
+            raise for_client(error) from None
+        except BusError as error:
+            if error.kind is not ErrorKind.INTERNAL or error.message == INTERNAL_ERROR:
+                raise
+            log.error("%s failed: %s", op, error.message)
+            raise internal(INTERNAL_ERROR) from None
+
+    # -- provisioning --------------------------------------------------------------------
+
+    async def _provision_at_start(self) -> None:
+        async with self._changes:
+            source = self.config.provisioning.source
+            if source == "none":
+                log.info("provisioning source is none: no device identity")
+                return
+            device = await self._provision(use_backup=True)
+            self._device = device
+            try:
+                await self._reconcile(device)
+            except CloudFailed as error:
+                if error.network:
+                    log.warning(
+                        "cannot reach the hub (%s); serving from the backups, offline", error.cause
+                    )
+                    return
+                log.warning("the hub refused the device (%s); provisioning again", error.cause)
+                await trio.to_thread.run_sync(self._state.clear_device_info)
+                device = await self._provision(use_backup=False)
+                self._device = device
+                await self._reconcile(device)
+
+    async def _provision(self, *, use_backup: bool) -> Device:
+        provisioning = self.config.provisioning
+        kind = provisioning.kind
+        if provisioning.source == "manual":
+            hub = kind.iothub_hostname
+            info = DeviceInfo(hub, provisioning.local_gateway_hostname or hub, kind.device_id)
+            log.info("provisioned manually as %s on %s", info.device_id, info.hub_name)
+            return Device(info, "sas", kind.authentication.device_id_pk)
+        key_id = kind.attestation.symmetric_key
+        if use_backup:
+            backup = await trio.to_thread.run_sync(self._state.read_device_info)
+            if backup is not None:
+                log.info(
+                    "using the provisioning backup: %s on %s", backup.device_id, backup.hub_name
+                )
+                return Device(backup, "sas", key_id)
+        info = await self._cloud.register(await self._device_signer(key_id))
+        log.info("provisioned by DPS as %s on %s", info.device_id, info.hub_name)
+        return Device(info, "sas", key_id)
+
+    async def _device_signer(self, key_id: str) -> Callable[[bytes], bytes]:
+        """HMAC-SHA256 with the device's keyd key, callable from a worker thread."""
+        handle = await self._key_handle(key_id)
+
+        async def sign(data: bytes) -> bytes:
+            reply = await self._keys.call(Keys.sign, Sign(handle, "HMAC-SHA256", data))
+            return reply.signature
+
+        return lambda data: trio.from_thread.run(sign, data)
+
+    async def _key_handle(self, key_id: str) -> str:
+        try:
+            return (await self._keys.call(Keys.load_key, LoadKey(key_id))).handle
+        except BusError as error:
+            raise BusError(
+                ErrorKind.NOT_FOUND, f"Key client error\ncaused by: {error.message}"
+            ) from None
+
+    async def _hub_signer(self, device: Device) -> Callable[[bytes], bytes] | None:
+        return await self._device_signer(device.key_id) if device.key_id else None
+
+    # -- reconciliation ----------------------------------------------------------------------
+
+    def _module_principals(self) -> list[str]:
+        return [
+            p.name for p in self.config.principal if p.idtype is not None and "module" in p.idtype
+        ]
+
+    async def _reconcile(self, device: Device) -> None:
+        """The principals' module identities made to match the hub (spec §12.3)."""
+        current = set(self._module_principals())
+        backup = await trio.to_thread.run_sync(self._state.read_device_info)
+        prev: set[str] = set()
+        if backup == device.info:
+            prev = await trio.to_thread.run_sync(self._state.read_prev_modules)
+        sign = await self._hub_signer(device)
+        modules = await self._cloud.list_modules(device.info, sign)
+        kept = set()
+        for module in modules:
+            name = module["moduleId"]
+            if (name not in current and name in prev) or (name in current and name not in prev):
+                await self._cloud.delete_module(device.info, name, sign)
+                await trio.to_thread.run_sync(self._state.remove_module, device.info, name)
+                log.info("reconciliation: deleted module %s", name)
+            elif name in current:
+                kept.add(name)
+        for name in sorted(current - kept):
+            await self._create_hub_module(device, name, sign)
+            log.info("reconciliation: created module %s", name)
+        await trio.to_thread.run_sync(self._state.write_device_info, device.info)
+        principals = [(p.uid, p.name, p.idtype) for p in self.config.principal]
+        await trio.to_thread.run_sync(self._state.write_prev_state, principals)
+
+    # -- module identities -------------------------------------------------------------------
+
+    async def _master_handle(self) -> str:
+        create = CreateKey(MASTER_KEY_ID, ["derive", "sign"], None)
+        try:
+            return (await self._keys.call(Keys.create_key, create)).handle
+        except BusError as error:
+            raise BusError(
+                ErrorKind.NOT_FOUND, f"Key client error\ncaused by: {error.message}"
+            ) from None
+
+    async def _module_keys(self, module_id: str, generation_id: str) -> tuple[str, bytes, bytes]:
+        """The derived primary key's handle, and both keys' bytes (spec §10)."""
+        master = await self._master_handle()
+        handles = []
+        keys = []
+        for which in ("primary", "secondary"):
+            data = f"{module_id}:{generation_id}:{which}".encode()
+            derived = await self._keys.call(Keys.create_derived_key, CreateDerivedKey(master, data))
+            exported = await self._keys.call(
+                Keys.export_derived_key, ExportDerivedKey(derived.handle)
+            )
+            handles.append(derived.handle)
+            keys.append(exported.key)
+        return handles[0], keys[0], keys[1]
+
+    async def _create_hub_module(
+        self, device: Device, module_id: str, sign: Callable[[bytes], bytes] | None
+    ) -> dict[str, Any]:
+        module = await self._cloud.create_module(device.info, module_id, sign)
+        return await self._key_module(device, module, sign)
+
+    async def _key_module(
+        self, device: Device, module: dict[str, Any], sign: Callable[[bytes], bytes] | None
+    ) -> dict[str, Any]:
+        generation = module.get("generationId")
+        if generation is None:
+            raise invalid("module identity not found")
+        handle, primary, secondary = await self._module_keys(module["moduleId"], generation)
+        updated = await self._cloud.update_module(device.info, module, primary, secondary, sign)
+        await trio.to_thread.run_sync(self._state.write_module, device.info, updated)
+        return self._module_identity(device, updated, handle)
+
+    def _module_identity(
+        self, device: Device, module: dict[str, Any], handle: str | None
+    ) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "hubName": device.info.hub_name,
+            "gatewayHost": device.info.local_gateway_hostname,
+            "deviceId": device.info.device_id,
+            "moduleId": module["moduleId"],
+        }
+        if module.get("generationId") is not None:
+            spec["genId"] = module["generationId"]
+        if handle is not None:
+            spec["auth"] = {"type": "sas", "keyHandle": handle}
+        return {"type": "aziot", "spec": spec}
+
+    async def _device_identity(self, device: Device) -> dict[str, Any]:
+        auth: dict[str, Any] = {"type": device.auth}
+        if device.auth == "sas" and device.key_id is not None:
+            auth["keyHandle"] = await self._key_handle(device.key_id)
+        spec = {
+            "hubName": device.info.hub_name,
+            "gatewayHost": device.info.local_gateway_hostname,
+            "deviceId": device.info.device_id,
+            "auth": auth,
+        }
+        return {"type": "aziot", "spec": spec}
+
+    def _need_device(self) -> Device:
+        if self._device is None:
+            raise device_not_found()
+        return self._device
+
+    async def _module(self, module_id: str) -> dict[str, Any]:
+        """A module identity with its key handle: hub first, then the backup (or the other
+        way round with `prefer_module_identity_cache`)."""
+        device = self._need_device()
+        sign = await self._hub_signer(device)
+        cached = await trio.to_thread.run_sync(self._state.read_module, device.info, module_id)
+        module = cached if self.config.prefer_module_identity_cache else None
+        if module is None:
+            try:
+                module = await self._cloud.get_module(device.info, module_id, sign)
+                await trio.to_thread.run_sync(self._state.write_module, device.info, module)
+            except CloudFailed:
+                if cached is None:
+                    raise
+                log.warning("module %s: the hub failed; answering from its backup", module_id)
+                module = cached
+        generation = module.get("generationId")
+        if generation is None:
+            raise invalid("module identity not found")
+        master = await self._master_handle()
+        data = f"{module_id}:{generation}:primary".encode()
+        derived = await self._keys.call(Keys.create_derived_key, CreateDerivedKey(master, data))
+        return self._module_identity(device, module, derived.handle)
+
+    # -- the API -----------------------------------------------------------------------------
+
+    def _who(self, caller: Caller):  # noqa: ANN202
+        return self._callers.of(caller.uid)
+
+    @staticmethod
+    def _check_type(value: str | None, allowed: tuple[str, ...] = ("aziot",)) -> str:
+        if value is None:
+            raise invalid_parameter("type", "missing parameter")
+        if value not in allowed:
+            raise invalid_parameter("type", f"invalid type: {value}")
+        return value
+
+    async def get_identity(self, msg: GetIdentity, caller: Caller) -> Json:
+        who = self._who(caller)
+        if who.gets_device:
+            return Json(await self._device_identity(self._need_device()))
+        if who.name is not None and who.gets_module(who.name):
+            return Json(await self._module(who.name))
+        raise unauthorized("authorization error")
+
+    async def get_device(self, msg: GetDevice, caller: Caller) -> Json:
+        if not self._who(caller).gets_device:
+            raise unauthorized("authorization error")
+        return Json(await self._device_identity(self._need_device()))
+
+    async def get_provisioning(self, msg: GetProvisioning, caller: Caller) -> Json:
+        provisioning = self.config.provisioning
+        kind = provisioning.kind
+        if provisioning.source == "none":
+            return Json({"source": "none"})
+        if provisioning.source == "manual":
+            return Json({"source": "manual", "auth": kind.authentication.METHOD})
+        try:
+            payload = await trio.to_thread.run_sync(cloudcalls.read_payload, provisioning)
+        except (OSError, ValueError) as error:
+            raise invalid_parameter("provisioning.payload", str(error)) from None
+        return Json(
+            {
+                "source": "dps",
+                "auth": kind.attestation.METHOD,
+                "endpoint": cloudcalls.normalized_endpoint(kind.global_endpoint),
+                "scope_id": kind.scope_id,
+                "registration_id": kind.attestation.registration_id,
+                "payload": payload,
+            }
+        )
+
+    async def list_modules(self, msg: ListModules, caller: Caller) -> Json:
+        if not self._who(caller).manages:
+            raise unauthorized("authorization error")
+        self._check_type(msg.type)
+        device = self._need_device()
+        sign = await self._hub_signer(device)
+        cached = await trio.to_thread.run_sync(self._state.read_modules, device.info)
+        modules = cached if self.config.prefer_module_identity_cache and cached else None
+        if modules is None:
+            try:
+                modules = await self._cloud.list_modules(device.info, sign)
+            except CloudFailed:
+                if not cached:
+                    raise
+                modules = cached
+        identities = [self._module_identity(device, m, None) for m in modules]
+        return Json({"identities": identities})
+
+    async def create_module(self, msg: CreateModule, caller: Caller) -> Json:
+        if not self._who(caller).manages:
+            raise unauthorized("authorization error")
+        self._check_type(msg.type, ("aziot", "local"))
+        if msg.type == "local":
+            raise internal("local identities are not implemented yet")
+        if not msg.module_id.strip():
+            raise invalid_parameter("module_id", "module name cannot be empty")
+        device = self._need_device()
+        sign = await self._hub_signer(device)
+        return Json(await self._create_hub_module(device, msg.module_id, sign))
+
+    async def get_module(self, msg: GetModule, caller: Caller) -> Json:
+        if not self._who(caller).gets_module(msg.module_id):
+            raise unauthorized("authorization error")
+        self._check_type(msg.type, ("aziot", "local"))
+        if msg.type == "local":
+            raise invalid_parameter("moduleId", f"local identity for {msg.module_id} doesn't exist")
+        return Json(await self._module(msg.module_id))
+
+    async def update_module(self, msg: UpdateModule, caller: Caller) -> Json:
+        if not self._who(caller).manages:
+            raise unauthorized("authorization error")
+        self._check_type(msg.type)
+        device = self._need_device()
+        sign = await self._hub_signer(device)
+        module = await self._cloud.get_module(device.info, msg.module_id, sign)
+        return Json(await self._key_module(device, module, sign))
+
+    async def delete_module(self, msg: DeleteModule, caller: Caller) -> Nothing:
+        if not self._who(caller).manages:
+            raise unauthorized("authorization error")
+        self._check_type(msg.type)
+        device = self._need_device()
+        sign = await self._hub_signer(device)
+        await self._cloud.delete_module(device.info, msg.module_id, sign)
+        await trio.to_thread.run_sync(self._state.remove_module, device.info, msg.module_id)
+        return NOTHING
+
+    async def reprovision(self, msg: Reprovision, caller: Caller) -> Nothing:
+        if not self._who(caller).manages:
+            raise unauthorized("authorization error")
+        async with self._changes:
+            old = self._device
+            await trio.to_thread.run_sync(self._state.clear_device_info)
+            if old is not None:
+                await trio.to_thread.run_sync(self._state.clear_modules, old.info)
+            self._device = None
+            if self.config.provisioning.source == "none":
+                return NOTHING
+            device = await self._provision(use_backup=False)
+            self._device = device
+            await self._reconcile(device)
+        return NOTHING
+
+    async def reload(self, msg: Reload, caller: Caller) -> Nothing:
+        return NOTHING

@@ -1,0 +1,157 @@
+"""The identity actor's cloud calls, each in a worker thread: DPS registration and the hub's
+module identities over the synchronous clients of `dps` and `hub`.
+
+A request signed with a keyd key asks keyd from the worker thread (`trio.from_thread.run`), so
+the trio loop stays free to answer it. Failures become `CloudFailed` with the service's name,
+its message as the cause, and whether the cloud could not be reached (offline operation).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from aziot.actors.remote_key import client_context
+from aziot.bus.faults import Faults
+
+from .cloud import CloudClient, CloudError
+from .dps import DpsClient
+from .hub import HubClient, Module, sas_authentication
+from .state import DeviceInfo
+
+T = TypeVar("T")
+Sign = Callable[[bytes], bytes]
+
+
+class CloudFailed(Exception):
+    """A DPS or hub request failed; `network` when the cloud could not be reached."""
+
+    def __init__(self, service: str, cause: str, network: bool) -> None:
+        super().__init__(cause)
+        self.service = service
+        self.cause = cause
+        self.network = network
+
+
+def normalized_endpoint(url: str) -> str:
+    """The endpoint as the original's `url::Url` shows it: a bare host gets a `/` path."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "/" not in rest:
+        return url + "/"
+    return url
+
+
+def read_payload(provisioning: Any) -> Any:
+    payload = getattr(provisioning.kind, "payload", None)
+    if payload is None:
+        return None
+    return json.loads(payload.path.read_text(encoding="utf-8"))
+
+
+class Cloud:
+    """What the identity actor asks of DPS and the hub."""
+
+    def __init__(
+        self,
+        config: Any,
+        faults: Faults,
+        context: Callable[[], ssl.SSLContext] | None = None,
+    ) -> None:
+        self.config = config
+        self._faults = faults
+        self._context = context or (lambda: client_context(None, None, ()))
+        self._threads = trio.CapacityLimiter(4)
+
+    async def _run(self, service: str, work: Callable[[CloudClient], T]) -> T:
+        def call() -> T:
+            with CloudClient(self._context()) as client:
+                return work(client)
+
+        await self._faults.hit("identity.cloud")
+        try:
+            return await trio.to_thread.run_sync(call, limiter=self._threads)
+        except CloudError as error:
+            raise CloudFailed(service, error.message, error.network) from None
+
+    # -- DPS ---------------------------------------------------------------------------------
+
+    async def register(self, sign: Sign | None) -> DeviceInfo:
+        dps = self.config.provisioning.kind
+        payload = await trio.to_thread.run_sync(read_payload, self.config.provisioning)
+
+        def work(client: CloudClient) -> DeviceInfo:
+            registration = DpsClient(
+                client,
+                scope_id=dps.scope_id,
+                registration_id=dps.attestation.registration_id,
+                endpoint=dps.global_endpoint,
+                timeout=self.config.cloud_timeout_sec,
+                retries=self.config.cloud_retries,
+            )
+            assigned = registration.register(sign, payload=payload)
+            # DPS never assigns a nested device: its gateway is the hub itself.
+            return DeviceInfo(assigned.assigned_hub, assigned.assigned_hub, assigned.device_id)
+
+        return await self._run("DPS", work)
+
+    # -- the hub -----------------------------------------------------------------------------
+
+    def _hub(self, client: CloudClient, device: DeviceInfo, sign: Sign | None) -> HubClient:
+        return HubClient(
+            client,
+            iothub_hostname=device.hub_name,
+            device_id=device.device_id,
+            sign=sign,
+            local_gateway_hostname=device.local_gateway_hostname,
+            timeout=self.config.cloud_timeout_sec,
+            retries=self.config.cloud_retries,
+        )
+
+    async def list_modules(self, device: DeviceInfo, sign: Sign | None) -> list[dict[str, Any]]:
+        def work(client: CloudClient) -> list[dict[str, Any]]:
+            return [m.to_json() for m in self._hub(client, device, sign).list_modules()]
+
+        return await self._run("Hub", work)
+
+    async def get_module(
+        self, device: DeviceInfo, module_id: str, sign: Sign | None
+    ) -> dict[str, Any]:
+        def work(client: CloudClient) -> dict[str, Any]:
+            return self._hub(client, device, sign).get_module(module_id).to_json()
+
+        return await self._run("Hub", work)
+
+    async def create_module(
+        self, device: DeviceInfo, module_id: str, sign: Sign | None
+    ) -> dict[str, Any]:
+        def work(client: CloudClient) -> dict[str, Any]:
+            return self._hub(client, device, sign).create_module(module_id).to_json()
+
+        return await self._run("Hub", work)
+
+    async def update_module(
+        self,
+        device: DeviceInfo,
+        module: dict[str, Any],
+        primary: bytes,
+        secondary: bytes,
+        sign: Sign | None,
+    ) -> dict[str, Any]:
+        current = Module.from_json(module)
+
+        def work(client: CloudClient) -> dict[str, Any]:
+            hub = self._hub(client, device, sign)
+            authentication = sas_authentication(primary, secondary)
+            return hub.update_module(current.module_id, authentication).to_json()
+
+        return await self._run("Hub", work)
+
+    async def delete_module(self, device: DeviceInfo, module_id: str, sign: Sign | None) -> None:
+        def work(client: CloudClient) -> None:
+            self._hub(client, device, sign).delete_module(module_id)
+
+        await self._run("Hub", work)

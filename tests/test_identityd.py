@@ -1,0 +1,295 @@
+"""identityd end to end: a real aziotd (keyd + identityd) provisions itself with mockcloud's DPS
+over HTTPS, reconciles its principals' module identities with the mock IoT Hub, and hands out
+identities whose key handles sign SAS tokens the hub accepts (its telemetry endpoint is the
+proof). Also: the provisioning backup at restart, offline start, reprovisioning, manual
+provisioning, the API's errors and authorization.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mockcloud import sas as mock_sas
+from mockcloud.cloud import Cloud
+from tests.daemon import Daemon, ServiceDir, keyd_config
+
+VERSION = "2022-08-01"
+MODULE_UID = 4242
+
+
+def write_device_key(root: Path, key: str) -> Path:
+    path = root / "device-key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(key))
+    return path
+
+
+def dps_config(cloud: Cloud, registration_id: str, principals: str = "") -> str:
+    def config(service: ServiceDir) -> str:
+        return f"""
+hostname = "my-device"
+homedir = "{service.home}"
+
+[provisioning]
+source = "dps"
+global_endpoint = "{cloud.dps_url}"
+scope_id = "{cloud.id_scope}"
+
+[provisioning.attestation]
+method = "symmetric_key"
+registration_id = "{registration_id}"
+symmetric_key = "device-key"
+{principals}"""
+
+    return config  # type: ignore[return-value]
+
+
+MODULE_PRINCIPAL = f"""
+[[principal]]
+uid = {MODULE_UID}
+name = "mod1"
+idtype = ["module"]
+"""
+
+
+@pytest.fixture
+def cloud(world_dir: Path) -> Iterator[Cloud]:
+    with Cloud(world_dir / "cloud") as cloud:
+        yield cloud
+
+
+def start(world_dir: Path, cloud: Cloud, identityd: object, key: str, **options: object) -> Daemon:
+    key_file = write_device_key(world_dir / "secrets", key)
+
+    def keyd(service: ServiceDir) -> str:
+        return keyd_config(service) + f'[preloaded_keys]\ndevice-key = "file://{key_file}"\n'
+
+    env = {"SSL_CERT_FILE": str(cloud.server_ca_pem_path), "NO_PROXY": "*"}
+    env.update(options.pop("env", {}))  # type: ignore[arg-type]
+    daemon = Daemon(world_dir / "d", {"keyd": keyd, "identityd": identityd}, env=env)
+    return daemon.start()
+
+
+def get(daemon: Daemon, path: str, **options: object):  # noqa: ANN201
+    return daemon.request("identityd", "GET", path, **options)
+
+
+def sign_with(daemon: Daemon, handle: str, data: bytes) -> bytes:
+    body = {"keyHandle": handle, "algorithm": "HMAC-SHA256", "parameters": {"message": ""}}
+    body["parameters"]["message"] = base64.b64encode(data).decode()
+    reply = daemon.request("keyd", "POST", "/sign", body)
+    assert reply.status == 200, reply.body
+    return base64.b64decode(reply.json()["signature"])
+
+
+def token_from_keyd(daemon: Daemon, audience: str, handle: str) -> str:
+    """A SAS token per spec/provisioning.md §7, signed by keyd with the identity's handle."""
+    sr = mock_sas.encode_resource(audience)
+    se = str(int(time.time()) + 60)
+    sig = base64.b64encode(sign_with(daemon, handle, f"{sr}\n{se}".encode())).decode()
+    return f"SharedAccessSignature sr={sr}&sig={mock_sas.form_urlencode(sig)}&se={se}"
+
+
+def telemetry(cloud: Cloud, path: str, token: str) -> int:
+    url = f"https://{cloud.hub_hostname}{path}?api-version=2020-03-13"
+    context = ssl.create_default_context(cafile=str(cloud.server_ca_pem_path))
+    with httpx.Client(verify=context) as client:
+        return client.post(url, headers={"Authorization": token}, content=b"hello").status_code
+
+
+def test_dps_provisioning_and_a_module_token_the_hub_accepts(world_dir: Path, cloud: Cloud) -> None:
+    enrollment = cloud.dps.add_symmetric_enrollment("my-device")
+    daemon = start(
+        world_dir, cloud, dps_config(cloud, "my-device", MODULE_PRINCIPAL), enrollment.primary_key
+    )
+    try:
+        reply = get(daemon, "/identities/identity")
+        assert reply.status == 200, reply.body
+        spec = reply.json()["spec"]
+        assert reply.json()["type"] == "aziot"
+        assert spec["hubName"] == cloud.hub_hostname == spec["gatewayHost"]
+        assert spec["deviceId"] == "my-device"
+        assert spec["auth"]["type"] == "sas" and "keyHandle" in spec["auth"]
+        # The device's handle signs a token the hub takes.
+        audience = f"{spec['hubName']}/devices/my-device"
+        token = token_from_keyd(daemon, audience, spec["auth"]["keyHandle"])
+        assert telemetry(cloud, "/devices/my-device/messages/events", token) == 204
+        # Reconciliation made mod1 in the hub; its handle signs module tokens the hub takes.
+        assert cloud.hub.module("my-device", "mod1") is not None
+        reply = get(daemon, "/identities/modules/mod1?type=aziot")
+        assert reply.status == 200, reply.body
+        module = reply.json()["spec"]
+        assert module["moduleId"] == "mod1" and module["genId"]
+        audience = f"{spec['hubName']}/devices/my-device/modules/mod1"
+        token = token_from_keyd(daemon, audience, module["auth"]["keyHandle"])
+        assert telemetry(cloud, "/devices/my-device/modules/mod1/messages/events", token) == 204
+        # The state on disk, as the original lays it out.
+        home = daemon.services["identityd"].home
+        info = (home / "device_info").read_text()
+        assert 'device_id = "my-device"' in info and cloud.hub_hostname in info
+        assert "mod1" in (home / "prev_state").read_text()
+    finally:
+        daemon.stop()
+
+
+def test_module_create_list_update_delete(world_dir: Path, cloud: Cloud) -> None:
+    enrollment = cloud.dps.add_symmetric_enrollment("dev2")
+    daemon = start(world_dir, cloud, dps_config(cloud, "dev2"), enrollment.primary_key)
+    try:
+        body = {"type": "aziot", "moduleId": "made"}
+        reply = daemon.request("identityd", "POST", "/identities/modules", body)
+        assert reply.status == 200, reply.body
+        first = reply.json()["spec"]
+        assert first["moduleId"] == "made" and first["auth"]["type"] == "sas"
+        listed = get(daemon, "/identities/modules?type=aziot").json()["identities"]
+        assert [i["spec"]["moduleId"] for i in listed] == ["made"]
+        assert "auth" not in listed[0]["spec"]
+        # Creating it again: the hub's 409, answered 404 "Hub client error" as the original.
+        again = daemon.request("identityd", "POST", "/identities/modules", body)
+        assert again.status == 404
+        assert again.json()["message"].startswith("Hub client error\ncaused by: ")
+        updated = daemon.request("identityd", "PUT", "/identities/modules/made?type=aziot", {})
+        assert updated.status == 200, updated.body
+        assert updated.json()["spec"]["genId"] == first["genId"]
+        deleted = daemon.request("identityd", "DELETE", "/identities/modules/made?type=aziot")
+        assert deleted.status == 204
+        assert cloud.hub.module("dev2", "made") is None
+    finally:
+        daemon.stop()
+
+
+ORIGINAL_ANSWERS = [
+    (
+        "GET",
+        "/identities/modules",
+        None,
+        400,
+        'parameter "type" has an invalid value\ncaused by: missing parameter',
+    ),
+    (
+        "GET",
+        "/identities/modules?type=local",
+        None,
+        400,
+        'parameter "type" has an invalid value\ncaused by: invalid type: local',
+    ),
+    (
+        "POST",
+        "/identities/modules",
+        {"type": "aziot", "moduleId": " "},
+        400,
+        'parameter "module_id" has an invalid value\ncaused by: module name cannot be empty',
+    ),
+    ("POST", "/identities/modules", {"moduleId": "x"}, 422, None),
+    ("POST", "/identities/device", None, 400, "missing request body"),
+    ("GET", "/identities/provisioning?api-version=2020-09-01", None, 404, "not found"),
+    ("GET", "/trust-bundle", None, 200, None),
+]
+
+
+def test_the_original_answers(world_dir: Path, cloud: Cloud) -> None:
+    enrollment = cloud.dps.add_symmetric_enrollment("dev3")
+    daemon = start(world_dir, cloud, dps_config(cloud, "dev3"), enrollment.primary_key)
+    try:
+        for method, path, body, status, message in ORIGINAL_ANSWERS:
+            reply = daemon.request("identityd", method, path, body)
+            assert reply.status == status, (path, reply.body)
+            if message is not None:
+                assert reply.json() == {"message": message}, path
+            if path == "/trust-bundle":
+                assert reply.json() == {"certificate": ""}
+    finally:
+        daemon.stop()
+
+
+def test_the_backup_is_used_at_restart_and_offline(world_dir: Path, cloud: Cloud) -> None:
+    enrollment = cloud.dps.add_symmetric_enrollment("dev4")
+    daemon = start(
+        world_dir, cloud, dps_config(cloud, "dev4", MODULE_PRINCIPAL), enrollment.primary_key
+    )
+    try:
+        registrations = [r for r in cloud.dps.requests if r.method == "PUT"]
+        assert len(registrations) == 1
+        daemon.stop()
+        # The cloud is gone: the backup still gives the device and its module identities.
+        cloud.dps.misbehave("refuse")
+        cloud.hub.misbehave("refuse")
+        daemon.start()
+        assert len([r for r in cloud.dps.requests if r.method == "PUT"]) == 1
+        reply = get(daemon, "/identities/identity")
+        assert reply.status == 200 and reply.json()["spec"]["deviceId"] == "dev4"
+        module = get(daemon, "/identities/modules/mod1?type=aziot")
+        assert module.status == 200, module.body
+        assert "served from the backups" in daemon.logs() or "offline" in daemon.logs()
+    finally:
+        daemon.stop()
+
+
+def test_provisioning_route_and_reprovision(world_dir: Path, cloud: Cloud) -> None:
+    enrollment = cloud.dps.add_symmetric_enrollment("dev5")
+    daemon = start(world_dir, cloud, dps_config(cloud, "dev5"), enrollment.primary_key)
+    try:
+        reply = get(daemon, "/identities/provisioning")
+        assert reply.status == 200
+        assert reply.json() == {
+            "source": "dps",
+            "auth": "symmetric_key",
+            "endpoint": cloud.dps_url.rstrip("/") + "/",
+            "scope_id": cloud.id_scope,
+            "registration_id": "dev5",
+            "payload": None,
+        }
+        before = len([r for r in cloud.dps.requests if r.method == "PUT"])
+        reply = daemon.request(
+            "identityd", "POST", "/identities/device/reprovision", {"type": "aziot"}
+        )
+        assert reply.status == 204, reply.body
+        assert len([r for r in cloud.dps.requests if r.method == "PUT"]) == before + 1
+    finally:
+        daemon.stop()
+
+
+def test_manual_sas_and_unknown_callers(world_dir: Path, cloud: Cloud) -> None:
+    from tests.test_daemon import NOBODY, as_uid
+
+    cloud.hub.add_device("manual-dev", primary_key=base64.b64encode(os.urandom(32)).decode())
+    key = cloud.hub.device("manual-dev").primary_key
+
+    def config(service: ServiceDir) -> str:
+        return f"""
+hostname = "h"
+homedir = "{service.home}"
+[provisioning]
+source = "manual"
+iothub_hostname = "{cloud.hub_hostname}"
+device_id = "manual-dev"
+[provisioning.authentication]
+method = "sas"
+device_id_pk = "device-key"
+"""
+
+    daemon = start(world_dir, cloud, config, key)
+    try:
+        reply = daemon.request("identityd", "POST", "/identities/device", {"type": "aziot"})
+        assert reply.status == 200, reply.body
+        assert reply.json()["spec"]["deviceId"] == "manual-dev"
+        assert get(daemon, "/identities/provisioning").json() == {
+            "source": "manual",
+            "auth": "sas",
+        }
+        socket = str(daemon.services["identityd"].socket)
+        os.chmod(socket, 0o666)
+        status, body = as_uid(NOBODY, socket, "GET", f"/identities/identity?api-version={VERSION}")
+        assert (status, body) == (401, {"message": "authorization error"})
+        status, body = as_uid(NOBODY, socket, "GET", f"/trust-bundle?api-version={VERSION}")
+        assert (status, body) == (200, {"certificate": ""})
+    finally:
+        daemon.stop()
