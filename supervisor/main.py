@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "environment: AZIOT_KEYD_CONFIG (default /etc/aziot/keyd/config.toml), "
             "AZIOT_KEYD_CONFIG_DIR (default /etc/aziot/keyd/config.d), AZIOT_CERTD_CONFIG "
             "(default /etc/aziot/certd/config.toml), AZIOT_CERTD_CONFIG_DIR (default "
-            "/etc/aziot/certd/config.d), AZIOT_SOCKET_DIR "
+            "/etc/aziot/certd/config.d), AZIOT_IDENTITYD_CONFIG (default "
+            "/etc/aziot/identityd/config.toml), AZIOT_IDENTITYD_CONFIG_DIR, AZIOT_SOCKET_DIR "
             "(default /run/aziot), AZIOT_LOG_LEVEL (error, warn, info, debug), AZIOTD_FAULTS "
             "(fault injection rules, see --list-fault-points)."
         ),
