@@ -293,3 +293,34 @@ device_id_pk = "device-key"
         assert (status, body) == (200, {"certificate": ""})
     finally:
         daemon.stop()
+
+
+def test_config_changes_are_picked_up_without_a_restart(world_dir: Path, cloud: Cloud) -> None:
+    enrollment = cloud.dps.add_symmetric_enrollment("dev6")
+    other = cloud.dps.add_symmetric_enrollment("dev6b", primary_key=enrollment.primary_key)
+    assert other
+    daemon = start(world_dir, cloud, dps_config(cloud, "dev6"), enrollment.primary_key)
+    try:
+        config_dir = daemon.services["identityd"].config_dir
+        # A new module principal in config.d: reconciled into the hub.
+        (config_dir / "50-module.toml").write_text(MODULE_PRINCIPAL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and cloud.hub.module("dev6", "mod1") is None:
+            time.sleep(0.2)
+        assert cloud.hub.module("dev6", "mod1") is not None
+        assert "the config files changed; reloading" in daemon.logs()
+        # A new registration id: the backup is dropped and the device provisions again.
+        config = daemon.services["identityd"].config
+        config.write_text(config.read_text().replace('"dev6"', '"dev6b"'))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            reply = get(daemon, "/identities/identity")
+            if reply.status == 200 and reply.json()["spec"]["deviceId"] == "dev6b":
+                break
+            time.sleep(0.2)
+        assert get(daemon, "/identities/identity").json()["spec"]["deviceId"] == "dev6b"
+        assert "the provisioning settings changed; provisioning again" in daemon.logs()
+        info = (daemon.services["identityd"].home / "device_info").read_text()
+        assert 'device_id = "dev6b"' in info
+    finally:
+        daemon.stop()

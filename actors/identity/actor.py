@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -55,12 +56,35 @@ from .state import DeviceInfo, StateFiles
 log = logging.getLogger(__name__)
 
 MASTER_KEY_ID = "aziot_identityd_master_id"
+CONFIG_POLL = 2.0  # seconds between looks at the config files' modification times
+CONFIG_SETTLE = 2.0  # seconds a change must hold still before it is read (the original: 10)
 RETRY_FIRST, RETRY_MOST = 5.0, 300.0  # seconds between provisioning attempts at start
 
 
 def for_client(error: CloudFailed) -> BusError:
     """The original answers 404 for every DPS and hub client error, with the cause."""
     return BusError(ErrorKind.NOT_FOUND, f"{error.service} client error\ncaused by: {error.cause}")
+
+
+class ConfigWatch:
+    """The config file and the `*.toml` of its config.d, by modification time and size."""
+
+    def __init__(self, config_file: Path, config_dir: Path) -> None:
+        self._file = config_file
+        self._dir = config_dir
+
+    def signature(self) -> tuple[tuple[str, int, int], ...]:
+        paths = [self._file]
+        if self._dir.is_dir():
+            paths += sorted(p for p in self._dir.iterdir() if p.suffix == ".toml")
+        found = []
+        for path in paths:
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            found.append((str(path), info.st_mtime_ns, info.st_size))
+        return tuple(found)
 
 
 @attrs.frozen
@@ -87,6 +111,8 @@ class IdentityActor:
         *,
         cloud: cloudcalls.Cloud | None = None,
         ready: trio.Event | None = None,
+        load_config: Callable[[], Any] | None = None,
+        watch: ConfigWatch | None = None,
     ) -> None:
         self.config = config
         self._keys = keys
@@ -96,6 +122,8 @@ class IdentityActor:
         self._cloud = cloud or cloudcalls.Cloud(config, faults)
         self._device: Device | None = None
         self._changes = trio.Lock()  # provisioning and reconciliation, one at a time
+        self._load_config = load_config
+        self._watch = watch
         self.ready = ready if ready is not None else trio.Event()
         self._dispatch = dispatcher(Identity, self)
 
@@ -121,7 +149,28 @@ class IdentityActor:
             await trio.sleep(delay * (0.9 + 0.2 * random.random()))
             delay = min(delay * 2, RETRY_MOST)
         self.ready.set()
-        await trio.sleep_forever()
+        if self._watch is None:
+            await trio.sleep_forever()
+        await self._watch_config()
+
+    async def _watch_config(self) -> None:
+        """Reload when the config files change, as the original's watcher does (debounced:
+        a change must hold still for `CONFIG_SETTLE` s). identityd writes only under its
+        homedir, never the config, so its own writes never trigger a reload."""
+        assert self._watch is not None
+        seen = await trio.to_thread.run_sync(self._watch.signature)
+        while True:
+            await trio.sleep(CONFIG_POLL)
+            now = await trio.to_thread.run_sync(self._watch.signature)
+            if now == seen:
+                continue
+            await trio.sleep(CONFIG_SETTLE)
+            settled = await trio.to_thread.run_sync(self._watch.signature)
+            if settled != now:
+                continue  # still being written: look again at the next turn
+            seen = settled
+            log.info("the config files changed; reloading")
+            await self.reload(Reload(), Caller(service="identityd"))
 
     async def handle(self, op: str, args: dict[str, Any], caller: list[Any] | None) -> Any:
         try:
@@ -440,17 +489,53 @@ class IdentityActor:
         if not self._who(caller).manages:
             raise unauthorized("authorization error")
         async with self._changes:
-            old = self._device
-            await trio.to_thread.run_sync(self._state.clear_device_info)
-            if old is not None:
-                await trio.to_thread.run_sync(self._state.clear_modules, old.info)
-            self._device = None
-            if self.config.provisioning.source == "none":
-                return NOTHING
-            device = await self._provision(use_backup=False)
-            self._device = device
-            await self._reconcile(device)
+            await self._reprovision_locked()
         return NOTHING
 
+    async def _reprovision_locked(self) -> None:
+        """Forget the device and its backups, provision again, reconcile (spec §12.2 `Api`).
+        A failure leaves the device forgotten, as in the original."""
+        old = self._device
+        await trio.to_thread.run_sync(self._state.clear_device_info)
+        if old is not None:
+            await trio.to_thread.run_sync(self._state.clear_modules, old.info)
+        self._device = None
+        if self.config.provisioning.source == "none":
+            return
+        device = await self._provision(use_backup=False)
+        self._device = device
+        await self._reconcile(device)
+
     async def reload(self, msg: Reload, caller: Caller) -> Nothing:
+        """New settings and principals, then a reconciliation (spec §12.4). Beyond the
+        original: a change of where or how the device provisions (hub, device id, DPS endpoint,
+        scope, registration id, attestation) drops the backup and provisions again, where the
+        original kept serving the old device until its backup was deleted by hand."""
+        if self._load_config is None:
+            return NOTHING
+        try:
+            fresh = await trio.to_thread.run_sync(self._load_config)
+        except Exception as error:  # a broken file: keep serving with what we had
+            log.error("cannot reload the config, keeping the current settings: %s", error)
+            return NOTHING
+        async with self._changes:
+            old = self.config
+            self.config = fresh
+            self._callers = Callers(fresh.principal)
+            self._cloud = cloudcalls.Cloud(fresh, self._faults)
+            try:
+                if fresh.provisioning != old.provisioning:
+                    log.info("the provisioning settings changed; provisioning again")
+                    await self._reprovision_locked()
+                elif self._device is not None:
+                    await self._reconcile(self._device)
+            except CloudFailed as error:
+                log.warning(
+                    "after the reload: %s client error (%s); running offline",
+                    error.service,
+                    error.cause,
+                )
+            except BusError as error:
+                log.error("after the reload: %s", error.message)
+        log.info("reloaded identityd's settings and principals")
         return NOTHING

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import trio
 
-from aziot.actors.identity.actor import IdentityActor
+from aziot.actors.identity.actor import ConfigWatch, IdentityActor
 from aziot.actors.identity.messages import Identity, Reload
 from aziot.actors.keys.messages import Keys
 from aziot.api.identityd import IdentitydApi
@@ -55,6 +55,14 @@ def identityd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, 
             f"{paths.config_file}: identityd needs keyd in the same aziotd for its keys, "
             f"but there is no keyd config at {keyd_paths.config_file}"
         )
+    current = [config]  # the settings last loaded: a restarted actor keeps a reload's
+
+    def reload_config() -> IdentitydConfig:
+        fresh = load_identityd(paths)
+        check_supported(fresh, str(paths.config_file))
+        current[0] = fresh
+        return fresh
+
     readiness: list[trio.Event] = []  # one event for the daemon's life, made inside trio
 
     def ready_event() -> trio.Event:
@@ -64,7 +72,12 @@ def identityd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, 
 
     async def start_identity() -> IdentityActor:
         actor = IdentityActor(
-            config, faults, Client(bus, Keys, Caller(service="identityd")), ready=ready_event()
+            current[0],
+            faults,
+            Client(bus, Keys, Caller(service="identityd")),
+            ready=ready_event(),
+            load_config=reload_config,
+            watch=ConfigWatch(paths.config_file, paths.config_dir),
         )
         await actor.start()
         return actor
