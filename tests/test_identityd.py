@@ -320,7 +320,111 @@ def test_config_changes_are_picked_up_without_a_restart(world_dir: Path, cloud: 
             time.sleep(0.2)
         assert get(daemon, "/identities/identity").json()["spec"]["deviceId"] == "dev6b"
         assert "the provisioning settings changed; provisioning again" in daemon.logs()
-        info = (daemon.services["identityd"].home / "device_info").read_text()
-        assert 'device_id = "dev6b"' in info
+        info_file = daemon.services["identityd"].home / "device_info"
+        deadline = time.monotonic() + 10  # written once the reconciliation is done
+        while time.monotonic() < deadline and not info_file.exists():
+            time.sleep(0.1)
+        assert 'device_id = "dev6b"' in info_file.read_text()
+    finally:
+        daemon.stop()
+
+
+def make_ca(directory: Path) -> tuple[Path, Path, object]:
+    """A device CA made here with `cryptography`: its cert and PKCS#8 key as files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test device CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "ca.pem", directory / "ca.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path, cert
+
+
+def test_dps_x509_with_an_identity_cert_issued_through_certd(world_dir: Path, cloud: Cloud) -> None:
+    from cryptography import x509
+
+    ca_pem, ca_key, ca_cert = make_ca(world_dir / "ca")
+    cloud.dps.add_x509_group("x509-group", ca_cert)
+
+    def keyd(service: ServiceDir) -> str:
+        return keyd_config(service) + f'[preloaded_keys]\nlocal-ca = "file://{ca_key}"\n'
+
+    def certd(service: ServiceDir) -> str:
+        return f"""homedir_path = "{service.home}"
+[cert_issuance]
+local_ca = {{ cert = "local-ca", pk = "local-ca" }}
+device-id = {{ method = "local_ca" }}
+[preloaded_certs]
+local-ca = "file://{ca_pem}"
+"""
+
+    def identityd(service: ServiceDir) -> str:
+        return f"""hostname = "x509-dev"
+homedir = "{service.home}"
+[provisioning]
+source = "dps"
+global_endpoint = "{cloud.dps_url}"
+scope_id = "{cloud.id_scope}"
+[provisioning.attestation]
+method = "x509"
+identity_cert = "device-id"
+identity_pk = "device-id"
+registration_id = "x509-dev"
+{MODULE_PRINCIPAL}"""
+
+    env = {"SSL_CERT_FILE": str(cloud.server_ca_pem_path), "NO_PROXY": "*"}
+    services = {"keyd": keyd, "certd": certd, "identityd": identityd}
+    daemon = Daemon(world_dir / "d", services, env=env).start()
+    try:
+        reply = get(daemon, "/identities/identity")
+        assert reply.status == 200, reply.body
+        spec = reply.json()["spec"]
+        assert spec["deviceId"] == "x509-dev"
+        assert spec["auth"]["type"] == "x509" and spec["auth"]["certId"] == "device-id"
+        # The identity cert certd issued: CN = the registration id, from the device CA, for
+        # keyd's key pair `device-id` (RSA-2048, as the original makes it).
+        pem = daemon.request("certd", "GET", "/certificates/device-id").json()["pem"]
+        leaf = x509.load_pem_x509_certificates(pem.encode())[0]
+        assert leaf.subject.rfc4514_string() == "CN=x509-dev"
+        leaf.verify_directly_issued_by(ca_cert)
+        assert leaf.public_key().key_size == 2048
+        # DPS saw the client cert in the TLS handshake; no SAS token was sent.
+        registers = [r for r in cloud.dps.requests if r.method == "PUT"]
+        assert registers and all(r.auth == "x509" for r in registers), registers
+        assert all("authorization" not in r.headers for r in registers)
+        # The hub was reached with the same cert: the module exists and its token works.
+        assert cloud.hub.module("x509-dev", "mod1") is not None
+        module = get(daemon, "/identities/modules/mod1?type=aziot").json()["spec"]
+        audience = f"{spec['hubName']}/devices/x509-dev/modules/mod1"
+        token = token_from_keyd(daemon, audience, module["auth"]["keyHandle"])
+        assert telemetry(cloud, "/devices/x509-dev/modules/mod1/messages/events", token) == 204
+        provisioning = get(daemon, "/identities/provisioning").json()
+        assert provisioning["auth"] == "x509" and provisioning["registration_id"] == "x509-dev"
     finally:
         daemon.stop()

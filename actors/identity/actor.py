@@ -20,15 +20,24 @@ from typing import Any
 
 import attrs
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
+from aziot.actors.certs.issuance import name_oid
+from aziot.actors.certs.messages import Certs, CreateCert, GetCert
 from aziot.actors.keys.messages import (
     CreateDerivedKey,
     CreateKey,
+    CreateKeyPair,
+    DeleteKeyPair,
     ExportDerivedKey,
     Keys,
     LoadKey,
+    LoadKeyPair,
     Sign,
 )
+from aziot.actors.remote_private_key import keys_private_op, public_key_of, remote_private_key
 from aziot.actors.texts import INTERNAL_ERROR, invalid_parameter
 from aziot.bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
 from aziot.bus.faults import Faults
@@ -93,7 +102,31 @@ class Device:
 
     info: DeviceInfo
     auth: str  # "sas", "x509" or "tpm"
-    key_id: str | None  # keyd key of a SAS device
+    key_id: str | None  # keyd key of a SAS device, or of an X.509 device's key pair
+    cert_id: str | None = None  # certd cert of an X.509 device
+
+
+def x509_subject(common: str, configured: Any) -> x509.Name:
+    """CN (cut to 64 characters, as the original) then the configured subject's other names."""
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common[:64])]
+    for name, value in sorted((configured.rest if configured is not None else {}).items()):
+        attributes.append(x509.NameAttribute(name_oid(name), value))
+    return x509.Name(attributes)
+
+
+def identity_csr(subject: x509.Name, key: Any) -> str:
+    """The original's identity CSR: the subject, no extensions, SHA-256 (spec §8.3)."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    csr = builder.sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def common_name(chain: bytes) -> str:
+    certs = x509.load_pem_x509_certificates(chain)
+    names = certs[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise internal("the identity cert has no CN to take the registration id from")
+    return str(names[0].value)
 
 
 def device_not_found() -> BusError:
@@ -109,6 +142,7 @@ class IdentityActor:
         faults: Faults,
         keys: Client,
         *,
+        certs: Client | None = None,
         cloud: cloudcalls.Cloud | None = None,
         ready: trio.Event | None = None,
         load_config: Callable[[], Any] | None = None,
@@ -116,6 +150,7 @@ class IdentityActor:
     ) -> None:
         self.config = config
         self._keys = keys
+        self._certs = certs
         self._faults = faults
         self._state = StateFiles(config.homedir, faults)
         self._callers = Callers(config.principal)
@@ -214,19 +249,113 @@ class IdentityActor:
         if provisioning.source == "manual":
             hub = kind.iothub_hostname
             info = DeviceInfo(hub, provisioning.local_gateway_hostname or hub, kind.device_id)
+            auth = kind.authentication
+            if auth.METHOD == "sas":
+                device = Device(info, "sas", auth.device_id_pk)
+            else:
+                device = Device(info, "x509", auth.identity_pk, auth.identity_cert)
+                subject = x509_subject(kind.device_id, auth.csr_subject)
+                await self._x509_identity(device, subject)
             log.info("provisioned manually as %s on %s", info.device_id, info.hub_name)
-            return Device(info, "sas", kind.authentication.device_id_pk)
-        key_id = kind.attestation.symmetric_key
+            return device
+        attestation = kind.attestation
+        if attestation.METHOD == "symmetric_key":
+            template = Device(DeviceInfo("", "", ""), "sas", attestation.symmetric_key)
+        else:
+            template = Device(
+                DeviceInfo("", "", ""), "x509", attestation.identity_pk, attestation.identity_cert
+            )
+            # Credentials first, as the original: the identity cert issued if certd lacks it.
+            subject = attestation.registration_id
+            if subject is not None:
+                await self._x509_identity(template, x509_subject(subject.cn, subject))
         if use_backup:
             backup = await trio.to_thread.run_sync(self._state.read_device_info)
             if backup is not None:
                 log.info(
                     "using the provisioning backup: %s on %s", backup.device_id, backup.hub_name
                 )
-                return Device(backup, "sas", key_id)
-        info = await self._cloud.register(await self._device_signer(key_id))
+                return attrs.evolve(template, info=backup)
+        registration_id = await self._registration_id()
+        creds = await self._credentials(template)
+        info = await self._cloud.register(creds, registration_id)
         log.info("provisioned by DPS as %s on %s", info.device_id, info.hub_name)
-        return Device(info, "sas", key_id)
+        return attrs.evolve(template, info=info)
+
+    async def _registration_id(self) -> str:
+        """DPS's registration id: configured, or (X.509) the identity cert's CN."""
+        attestation = self.config.provisioning.kind.attestation
+        if attestation.METHOD == "symmetric_key":
+            return attestation.registration_id
+        if attestation.registration_id is not None:
+            return attestation.registration_id.cn
+        device = Device(
+            DeviceInfo("", "", ""), "x509", attestation.identity_pk, attestation.identity_cert
+        )
+        chain, _ = await self._x509_identity(device, None)
+        return common_name(chain)
+
+    async def _x509_identity(self, device: Device, subject: Any) -> tuple[bytes, str]:
+        """The device's identity cert chain (from certd) and its key pair's handle (keyd). A
+        cert certd does not have is issued (spec §8.3): a new `rsa-2048` key pair, a CSR with
+        `subject`, `POST /certificates` with no issuer, so certd's `[cert_issuance]` decides."""
+        assert device.cert_id is not None and device.key_id is not None
+        pem = await self._certd_pem(device.cert_id)
+        if pem is None:
+            if subject is None:
+                raise internal(
+                    f"the identity cert {device.cert_id} is not in certd and no subject is "
+                    "configured to issue it"
+                )
+            pem = await self._issue_identity(device, subject)
+        try:
+            handle = (await self._keys.call(Keys.load_key_pair, LoadKeyPair(device.key_id))).handle
+        except BusError as error:
+            raise BusError(
+                ErrorKind.NOT_FOUND, f"Key client error\ncaused by: {error.message}"
+            ) from None
+        return pem.encode(), handle
+
+    async def _certd_pem(self, cert_id: str) -> str | None:
+        if self._certs is None:
+            raise internal("X.509 identities need certd in this aziotd")
+        try:
+            return (await self._certs.call(Certs.get_cert, GetCert(cert_id))).pem
+        except BusError as error:
+            if error.kind is ErrorKind.INVALID:
+                return None  # certd's "not found"
+            raise internal(f"certd cannot read {cert_id}: {error.message}") from None
+
+    async def _issue_identity(self, device: Device, subject: Any) -> str:
+        assert self._certs is not None and device.key_id is not None
+        try:
+            old = await self._keys.call(Keys.load_key_pair, LoadKeyPair(device.key_id))
+            await self._keys.call(Keys.delete_key_pair, DeleteKeyPair(old.handle))
+        except BusError:
+            pass
+        created = await self._keys.call(
+            Keys.create_key_pair, CreateKeyPair(device.key_id, "rsa-2048:*")
+        )
+        public = await public_key_of(self._keys, created.handle)
+        key = remote_private_key(public, keys_private_op(self._keys, created.handle))
+        csr = await trio.to_thread.run_sync(identity_csr, subject, key)
+        try:
+            reply = await self._certs.call(
+                Certs.create_cert, CreateCert(device.cert_id, csr), timeout=120.0
+            )
+        except BusError as error:
+            raise internal(f"certd cannot issue {device.cert_id}: {error.message}") from None
+        log.info("issued the device identity cert %s through certd", device.cert_id)
+        return reply.pem
+
+    async def _credentials(self, device: Device) -> cloudcalls.Credentials:
+        if device.auth == "x509":
+            chain, handle = await self._x509_identity(device, None)
+            return cloudcalls.Credentials(
+                chain=chain, private_op=keys_private_op(self._keys, handle)
+            )
+        assert device.key_id is not None
+        return cloudcalls.Credentials(sign=await self._device_signer(device.key_id))
 
     async def _device_signer(self, key_id: str) -> Callable[[bytes], bytes]:
         """HMAC-SHA256 with the device's keyd key, callable from a worker thread."""
@@ -246,9 +375,6 @@ class IdentityActor:
                 ErrorKind.NOT_FOUND, f"Key client error\ncaused by: {error.message}"
             ) from None
 
-    async def _hub_signer(self, device: Device) -> Callable[[bytes], bytes] | None:
-        return await self._device_signer(device.key_id) if device.key_id else None
-
     # -- reconciliation ----------------------------------------------------------------------
 
     def _module_principals(self) -> list[str]:
@@ -263,19 +389,19 @@ class IdentityActor:
         prev: set[str] = set()
         if backup == device.info:
             prev = await trio.to_thread.run_sync(self._state.read_prev_modules)
-        sign = await self._hub_signer(device)
-        modules = await self._cloud.list_modules(device.info, sign)
+        creds = await self._credentials(device)
+        modules = await self._cloud.list_modules(device.info, creds)
         kept = set()
         for module in modules:
             name = module["moduleId"]
             if (name not in current and name in prev) or (name in current and name not in prev):
-                await self._cloud.delete_module(device.info, name, sign)
+                await self._cloud.delete_module(device.info, name, creds)
                 await trio.to_thread.run_sync(self._state.remove_module, device.info, name)
                 log.info("reconciliation: deleted module %s", name)
             elif name in current:
                 kept.add(name)
         for name in sorted(current - kept):
-            await self._create_hub_module(device, name, sign)
+            await self._create_hub_module(device, name, creds)
             log.info("reconciliation: created module %s", name)
         await trio.to_thread.run_sync(self._state.write_device_info, device.info)
         principals = [(p.uid, p.name, p.idtype) for p in self.config.principal]
@@ -308,19 +434,19 @@ class IdentityActor:
         return handles[0], keys[0], keys[1]
 
     async def _create_hub_module(
-        self, device: Device, module_id: str, sign: Callable[[bytes], bytes] | None
+        self, device: Device, module_id: str, creds: cloudcalls.Credentials
     ) -> dict[str, Any]:
-        module = await self._cloud.create_module(device.info, module_id, sign)
-        return await self._key_module(device, module, sign)
+        module = await self._cloud.create_module(device.info, module_id, creds)
+        return await self._key_module(device, module, creds)
 
     async def _key_module(
-        self, device: Device, module: dict[str, Any], sign: Callable[[bytes], bytes] | None
+        self, device: Device, module: dict[str, Any], creds: cloudcalls.Credentials
     ) -> dict[str, Any]:
         generation = module.get("generationId")
         if generation is None:
             raise invalid("module identity not found")
         handle, primary, secondary = await self._module_keys(module["moduleId"], generation)
-        updated = await self._cloud.update_module(device.info, module, primary, secondary, sign)
+        updated = await self._cloud.update_module(device.info, module, primary, secondary, creds)
         await trio.to_thread.run_sync(self._state.write_module, device.info, updated)
         return self._module_identity(device, updated, handle)
 
@@ -343,6 +469,9 @@ class IdentityActor:
         auth: dict[str, Any] = {"type": device.auth}
         if device.auth == "sas" and device.key_id is not None:
             auth["keyHandle"] = await self._key_handle(device.key_id)
+        elif device.auth == "x509":
+            _, auth["keyHandle"] = await self._x509_identity(device, None)
+            auth["certId"] = device.cert_id
         spec = {
             "hubName": device.info.hub_name,
             "gatewayHost": device.info.local_gateway_hostname,
@@ -360,12 +489,12 @@ class IdentityActor:
         """A module identity with its key handle: hub first, then the backup (or the other
         way round with `prefer_module_identity_cache`)."""
         device = self._need_device()
-        sign = await self._hub_signer(device)
+        creds = await self._credentials(device)
         cached = await trio.to_thread.run_sync(self._state.read_module, device.info, module_id)
         module = cached if self.config.prefer_module_identity_cache else None
         if module is None:
             try:
-                module = await self._cloud.get_module(device.info, module_id, sign)
+                module = await self._cloud.get_module(device.info, module_id, creds)
                 await trio.to_thread.run_sync(self._state.write_module, device.info, module)
             except CloudFailed:
                 if cached is None:
@@ -423,22 +552,28 @@ class IdentityActor:
                 "auth": kind.attestation.METHOD,
                 "endpoint": cloudcalls.normalized_endpoint(kind.global_endpoint),
                 "scope_id": kind.scope_id,
-                "registration_id": kind.attestation.registration_id,
+                "registration_id": await self._registration_id_for_route(),
                 "payload": payload,
             }
         )
+
+    async def _registration_id_for_route(self) -> str:
+        try:
+            return await self._registration_id()
+        except BusError as error:
+            raise internal(f"no registration id: {error.message}") from None
 
     async def list_modules(self, msg: ListModules, caller: Caller) -> Json:
         if not self._who(caller).manages:
             raise unauthorized("authorization error")
         self._check_type(msg.type)
         device = self._need_device()
-        sign = await self._hub_signer(device)
+        creds = await self._credentials(device)
         cached = await trio.to_thread.run_sync(self._state.read_modules, device.info)
         modules = cached if self.config.prefer_module_identity_cache and cached else None
         if modules is None:
             try:
-                modules = await self._cloud.list_modules(device.info, sign)
+                modules = await self._cloud.list_modules(device.info, creds)
             except CloudFailed:
                 if not cached:
                     raise
@@ -455,8 +590,8 @@ class IdentityActor:
         if not msg.module_id.strip():
             raise invalid_parameter("module_id", "module name cannot be empty")
         device = self._need_device()
-        sign = await self._hub_signer(device)
-        return Json(await self._create_hub_module(device, msg.module_id, sign))
+        creds = await self._credentials(device)
+        return Json(await self._create_hub_module(device, msg.module_id, creds))
 
     async def get_module(self, msg: GetModule, caller: Caller) -> Json:
         if not self._who(caller).gets_module(msg.module_id):
@@ -471,17 +606,17 @@ class IdentityActor:
             raise unauthorized("authorization error")
         self._check_type(msg.type)
         device = self._need_device()
-        sign = await self._hub_signer(device)
-        module = await self._cloud.get_module(device.info, msg.module_id, sign)
-        return Json(await self._key_module(device, module, sign))
+        creds = await self._credentials(device)
+        module = await self._cloud.get_module(device.info, msg.module_id, creds)
+        return Json(await self._key_module(device, module, creds))
 
     async def delete_module(self, msg: DeleteModule, caller: Caller) -> Nothing:
         if not self._who(caller).manages:
             raise unauthorized("authorization error")
         self._check_type(msg.type)
         device = self._need_device()
-        sign = await self._hub_signer(device)
-        await self._cloud.delete_module(device.info, msg.module_id, sign)
+        creds = await self._credentials(device)
+        await self._cloud.delete_module(device.info, msg.module_id, creds)
         await trio.to_thread.run_sync(self._state.remove_module, device.info, msg.module_id)
         return NOTHING
 

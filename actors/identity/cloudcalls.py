@@ -9,13 +9,13 @@ its message as the cause, and whether the cloud could not be reached (offline op
 from __future__ import annotations
 
 import json
-import ssl
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import attrs
 import trio
 
-from aziot.actors.remote_key import client_context
+from aziot.actors.remote_key import PrivateOp, client_context
 from aziot.bus.faults import Faults
 
 from .cloud import CloudClient, CloudError
@@ -25,6 +25,16 @@ from .state import DeviceInfo
 
 T = TypeVar("T")
 Sign = Callable[[bytes], bytes]
+
+
+@attrs.frozen
+class Credentials:
+    """How the device proves itself to DPS and the hub: SAS tokens signed by `sign` (keyd's
+    HMAC with its key), or a TLS client cert (`chain`, PEM) whose key signs by `private_op`."""
+
+    sign: Sign | None = None
+    chain: bytes | None = None
+    private_op: PrivateOp | None = None
 
 
 class CloudFailed(Exception):
@@ -59,16 +69,15 @@ class Cloud:
         self,
         config: Any,
         faults: Faults,
-        context: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         self.config = config
         self._faults = faults
-        self._context = context or (lambda: client_context(None, None, ()))
         self._threads = trio.CapacityLimiter(4)
 
-    async def _run(self, service: str, work: Callable[[CloudClient], T]) -> T:
+    async def _run(self, service: str, work: Callable[[CloudClient], T], creds: Credentials) -> T:
         def call() -> T:
-            with CloudClient(self._context()) as client:
+            context = client_context(creds.chain, creds.private_op, ())
+            with CloudClient(context) as client:
                 return work(client)
 
         await self._faults.hit("identity.cloud")
@@ -79,7 +88,7 @@ class Cloud:
 
     # -- DPS ---------------------------------------------------------------------------------
 
-    async def register(self, sign: Sign | None) -> DeviceInfo:
+    async def register(self, creds: Credentials, registration_id: str) -> DeviceInfo:
         dps = self.config.provisioning.kind
         payload = await trio.to_thread.run_sync(read_payload, self.config.provisioning)
 
@@ -87,51 +96,51 @@ class Cloud:
             registration = DpsClient(
                 client,
                 scope_id=dps.scope_id,
-                registration_id=dps.attestation.registration_id,
+                registration_id=registration_id,
                 endpoint=dps.global_endpoint,
                 timeout=self.config.cloud_timeout_sec,
                 retries=self.config.cloud_retries,
             )
-            assigned = registration.register(sign, payload=payload)
+            assigned = registration.register(creds.sign, payload=payload)
             # DPS never assigns a nested device: its gateway is the hub itself.
             return DeviceInfo(assigned.assigned_hub, assigned.assigned_hub, assigned.device_id)
 
-        return await self._run("DPS", work)
+        return await self._run("DPS", work, creds)
 
     # -- the hub -----------------------------------------------------------------------------
 
-    def _hub(self, client: CloudClient, device: DeviceInfo, sign: Sign | None) -> HubClient:
+    def _hub(self, client: CloudClient, device: DeviceInfo, creds: Credentials) -> HubClient:
         return HubClient(
             client,
             iothub_hostname=device.hub_name,
             device_id=device.device_id,
-            sign=sign,
+            sign=creds.sign,
             local_gateway_hostname=device.local_gateway_hostname,
             timeout=self.config.cloud_timeout_sec,
             retries=self.config.cloud_retries,
         )
 
-    async def list_modules(self, device: DeviceInfo, sign: Sign | None) -> list[dict[str, Any]]:
+    async def list_modules(self, device: DeviceInfo, creds: Credentials) -> list[dict[str, Any]]:
         def work(client: CloudClient) -> list[dict[str, Any]]:
-            return [m.to_json() for m in self._hub(client, device, sign).list_modules()]
+            return [m.to_json() for m in self._hub(client, device, creds).list_modules()]
 
-        return await self._run("Hub", work)
+        return await self._run("Hub", work, creds)
 
     async def get_module(
-        self, device: DeviceInfo, module_id: str, sign: Sign | None
+        self, device: DeviceInfo, module_id: str, creds: Credentials
     ) -> dict[str, Any]:
         def work(client: CloudClient) -> dict[str, Any]:
-            return self._hub(client, device, sign).get_module(module_id).to_json()
+            return self._hub(client, device, creds).get_module(module_id).to_json()
 
-        return await self._run("Hub", work)
+        return await self._run("Hub", work, creds)
 
     async def create_module(
-        self, device: DeviceInfo, module_id: str, sign: Sign | None
+        self, device: DeviceInfo, module_id: str, creds: Credentials
     ) -> dict[str, Any]:
         def work(client: CloudClient) -> dict[str, Any]:
-            return self._hub(client, device, sign).create_module(module_id).to_json()
+            return self._hub(client, device, creds).create_module(module_id).to_json()
 
-        return await self._run("Hub", work)
+        return await self._run("Hub", work, creds)
 
     async def update_module(
         self,
@@ -139,19 +148,19 @@ class Cloud:
         module: dict[str, Any],
         primary: bytes,
         secondary: bytes,
-        sign: Sign | None,
+        creds: Credentials,
     ) -> dict[str, Any]:
         current = Module.from_json(module)
 
         def work(client: CloudClient) -> dict[str, Any]:
-            hub = self._hub(client, device, sign)
+            hub = self._hub(client, device, creds)
             authentication = sas_authentication(primary, secondary)
             return hub.update_module(current.module_id, authentication).to_json()
 
-        return await self._run("Hub", work)
+        return await self._run("Hub", work, creds)
 
-    async def delete_module(self, device: DeviceInfo, module_id: str, sign: Sign | None) -> None:
+    async def delete_module(self, device: DeviceInfo, module_id: str, creds: Credentials) -> None:
         def work(client: CloudClient) -> None:
-            self._hub(client, device, sign).delete_module(module_id)
+            self._hub(client, device, creds).delete_module(module_id)
 
-        await self._run("Hub", work)
+        await self._run("Hub", work, creds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import trio
 
+from aziot.actors.certs.messages import Certs
 from aziot.actors.identity.actor import ConfigWatch, IdentityActor
 from aziot.actors.identity.messages import Identity, Reload
 from aziot.actors.keys.messages import Keys
@@ -22,22 +23,30 @@ from aziot.config.loader import ConfigError, ServicePaths
 from .service import ActorSpec, Service, socket_path
 
 
-def check_supported(config: IdentitydConfig, source: str) -> None:
-    """What this version provisions: manual with a SAS key, DPS with a symmetric key, none."""
+def check_supported(config: IdentitydConfig, source: str, environ: dict[str, str]) -> None:
+    """What this version provisions: manual (SAS or X.509), DPS with a symmetric key or X.509
+    without `identity_auto_renew`, and none. X.509 needs certd in the same aziotd."""
     kind = config.provisioning.kind
-    method = None
+    x509 = False
     if config.provisioning.source == "manual":
-        method = kind.authentication.METHOD  # type: ignore[union-attr]
-        supported = method == "sas"
+        x509 = kind.authentication.METHOD == "x509"  # type: ignore[union-attr]
     elif config.provisioning.source == "dps":
-        method = kind.attestation.METHOD  # type: ignore[union-attr]
-        supported = method == "symmetric_key"
-    else:
-        supported = True
-    if not supported:
+        attestation = kind.attestation  # type: ignore[union-attr]
+        if attestation.METHOD == "tpm":
+            raise ConfigError(
+                f"{source}: provisioning with dps tpm is not supported by this version of "
+                "aziotd yet"
+            )
+        x509 = attestation.METHOD == "x509"
+        if x509 and attestation.identity_auto_renew is not None:
+            raise ConfigError(
+                f"{source}: provisioning.attestation.identity_auto_renew is not supported by "
+                "this version of aziotd yet"
+            )
+    if x509 and not ServicePaths.from_env("certd", environ).config_file.is_file():
         raise ConfigError(
-            f"{source}: provisioning with {config.provisioning.source} {method} is not "
-            "supported by this version of aziotd yet (manual sas, dps symmetric_key and none are)"
+            f"{source}: X.509 provisioning takes the identity cert from certd, but certd is "
+            "not configured in this aziotd"
         )
     if any(p.idtype and "local" in p.idtype for p in config.principal):
         raise ConfigError(
@@ -48,7 +57,7 @@ def check_supported(config: IdentitydConfig, source: str) -> None:
 
 def identityd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, str]) -> Service:
     config = load_identityd(paths)
-    check_supported(config, str(paths.config_file))
+    check_supported(config, str(paths.config_file), environ)
     keyd_paths = ServicePaths.from_env("keyd", environ)
     if not keyd_paths.config_file.is_file():
         raise ConfigError(
@@ -59,7 +68,7 @@ def identityd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, 
 
     def reload_config() -> IdentitydConfig:
         fresh = load_identityd(paths)
-        check_supported(fresh, str(paths.config_file))
+        check_supported(fresh, str(paths.config_file), environ)
         current[0] = fresh
         return fresh
 
@@ -75,6 +84,7 @@ def identityd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, 
             current[0],
             faults,
             Client(bus, Keys, Caller(service="identityd")),
+            certs=Client(bus, Certs, Caller(service="identityd")),
             ready=ready_event(),
             load_config=reload_config,
             watch=ConfigWatch(paths.config_file, paths.config_dir),
