@@ -428,3 +428,86 @@ registration_id = "x509-dev"
         assert provisioning["auth"] == "x509" and provisioning["registration_id"] == "x509-dev"
     finally:
         daemon.stop()
+
+
+def test_local_identities_issued_through_certd(world_dir: Path, cloud: Cloud) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    ca_pem, ca_key, ca_cert = make_ca(world_dir / "ca")
+
+    def keyd(service: ServiceDir) -> str:
+        return keyd_config(service) + f'[preloaded_keys]\nlocal-ca = "file://{ca_key}"\n'
+
+    def certd(service: ServiceDir) -> str:
+        return f"""homedir_path = "{service.home}"
+[cert_issuance]
+local_ca = {{ cert = "local-ca", pk = "local-ca" }}
+web = {{ method = "local_ca" }}
+adhoc = {{ method = "local_ca" }}
+[preloaded_certs]
+local-ca = "file://{ca_pem}"
+"""
+
+    def identityd(service: ServiceDir) -> str:
+        return f"""hostname = "gw"
+homedir = "{service.home}"
+[provisioning]
+source = "none"
+[localid]
+domain = "example.local"
+[[principal]]
+uid = 4243
+name = "web"
+idtype = ["local"]
+localid = {{ type = "x509", attributes = "server" }}
+"""
+
+    services = {"keyd": keyd, "certd": certd, "identityd": identityd}
+    daemon = Daemon(world_dir / "d", services).start()
+    try:
+        reply = get(daemon, "/identities/modules/web?type=local")
+        assert reply.status == 200, reply.body
+        body = reply.json()
+        assert body["type"] == "local" and body["spec"]["moduleId"] == "web"
+        auth = body["spec"]["auth"]
+        key = serialization.load_pem_private_key(auth["privateKey"].encode(), None)
+        leaf = x509.load_pem_x509_certificates(auth["certificate"].encode())[0]
+        assert leaf.public_key() == key.public_key() and key.key_size == 2048
+        assert leaf.subject.rfc4514_string() == "CN=web.gw.example.local"
+        leaf.verify_directly_issued_by(ca_cert)
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert set(eku) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
+        assert auth["expiration"] == leaf.not_valid_after_utc.isoformat()
+        assert auth["expiration"].endswith("+00:00")
+        # A new key at every call.
+        again = get(daemon, "/identities/modules/web?type=local").json()["spec"]["auth"]
+        assert again["privateKey"] != auth["privateKey"]
+        # POST type=local: a principal's id is refused; another gets a client identity.
+        body = {"type": "local", "moduleId": "web"}
+        reply = daemon.request("identityd", "POST", "/identities/modules", body)
+        assert (reply.status, reply.json()) == (
+            400,
+            {
+                "message": 'parameter "moduleId" has an invalid value\n'
+                "caused by: local identity for web already exists"
+            },
+        )
+        body = {"type": "local", "moduleId": "adhoc", "localIdOpts": {"bogus": 1}}
+        reply = daemon.request("identityd", "POST", "/identities/modules", body)
+        assert reply.status == 200, reply.body
+        cert = reply.json()["spec"]["auth"]["certificate"]
+        leaf = x509.load_pem_x509_certificates(cert.encode())[0]
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+        reply = get(daemon, "/identities/modules/other?type=local")
+        assert reply.json() == {
+            "message": 'parameter "moduleId" has an invalid value\n'
+            "caused by: local identity for other doesn't exist"
+        }
+        # source = none: no device.
+        reply = daemon.request("identityd", "POST", "/identities/device", {"type": "aziot"})
+        assert (reply.status, reply.json()) == (400, {"message": "device identity not found"})
+    finally:
+        daemon.stop()

@@ -43,7 +43,7 @@ from aziot.bus.errors import BusError, ErrorKind, internal, invalid, unauthorize
 from aziot.bus.faults import Faults
 from aziot.bus.protocol import NOTHING, Caller, Client, Nothing, dispatcher
 
-from . import cloudcalls
+from . import cloudcalls, local
 from .callers import Callers
 from .cloudcalls import CloudFailed
 from .messages import (
@@ -586,7 +586,11 @@ class IdentityActor:
             raise unauthorized("authorization error")
         self._check_type(msg.type, ("aziot", "local"))
         if msg.type == "local":
-            raise internal("local identities are not implemented yet")
+            if msg.module_id in self._local_principals():
+                raise invalid_parameter(
+                    "moduleId", f"local identity for {msg.module_id} already exists"
+                )
+            return Json(await self._local_identity(msg.module_id, local.options(msg.local_opts)))
         if not msg.module_id.strip():
             raise invalid_parameter("module_id", "module name cannot be empty")
         device = self._need_device()
@@ -598,8 +602,43 @@ class IdentityActor:
             raise unauthorized("authorization error")
         self._check_type(msg.type, ("aziot", "local"))
         if msg.type == "local":
-            raise invalid_parameter("moduleId", f"local identity for {msg.module_id} doesn't exist")
+            principal = self._local_principals().get(msg.module_id)
+            if principal is None:
+                raise invalid_parameter(
+                    "moduleId", f"local identity for {msg.module_id} doesn't exist"
+                )
+            opts = principal.localid
+            attributes = opts.attributes if opts is not None else "client"
+            return Json(await self._local_identity(msg.module_id, attributes))
         return Json(await self._module(msg.module_id))
+
+    def _local_principals(self) -> dict[str, Any]:
+        return {
+            p.name: p for p in self.config.principal if p.idtype is not None and "local" in p.idtype
+        }
+
+    async def _local_identity(self, module_id: str, attributes: str) -> dict[str, Any]:
+        """A fresh key and cert at every call, as the original (spec §5.4)."""
+        if self.config.localid is None:
+            raise internal("local identities need [localid] domain in the config")
+        if self._certs is None:
+            raise internal("local identities need certd in this aziotd")
+        cn = local.common_name(module_id, self.config.hostname, self.config.localid.domain)
+        key_pem, csr = await trio.to_thread.run_sync(local.key_and_csr, cn, attributes)
+        try:
+            reply = await self._certs.call(
+                Certs.create_cert, CreateCert(module_id, csr), timeout=120.0
+            )
+        except BusError as error:
+            raise internal(
+                f"certd cannot issue local identity {module_id}: {error.message}"
+            ) from None
+        auth = {
+            "privateKey": key_pem.decode(),
+            "certificate": reply.pem,
+            "expiration": local.expiration(reply.pem),
+        }
+        return {"type": "local", "spec": {"moduleId": module_id, "auth": auth}}
 
     async def update_module(self, msg: UpdateModule, caller: Caller) -> Json:
         if not self._who(caller).manages:

@@ -48,10 +48,11 @@ def check_supported(config: IdentitydConfig, source: str, environ: dict[str, str
             f"{source}: X.509 provisioning takes the identity cert from certd, but certd is "
             "not configured in this aziotd"
         )
-    if any(p.idtype and "local" in p.idtype for p in config.principal):
+    wants_local = any(p.idtype and "local" in p.idtype for p in config.principal)
+    if wants_local and not ServicePaths.from_env("certd", environ).config_file.is_file():
         raise ConfigError(
-            f'{source}: principals with idtype "local" (local identities) are not supported by '
-            "this version of aziotd yet"
+            f"{source}: local identities are issued by certd, but certd is not configured in "
+            "this aziotd"
         )
 
 
