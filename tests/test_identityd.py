@@ -511,3 +511,28 @@ localid = {{ type = "x509", attributes = "server" }}
         assert (reply.status, reply.json()) == (400, {"message": "device identity not found"})
     finally:
         daemon.stop()
+
+
+def test_a_hub_outage_during_reconciliation_is_retried(world_dir: Path, cloud: Cloud) -> None:
+    enrollment = cloud.dps.add_symmetric_enrollment("dev7")
+    cloud.hub.misbehave("refuse")
+    daemon = start(
+        world_dir, cloud, dps_config(cloud, "dev7", MODULE_PRINCIPAL), enrollment.primary_key
+    )
+    try:
+        # Provisioned by DPS, the hub unreachable: serving, nothing reconciled or backed up yet.
+        assert get(daemon, "/identities/identity").json()["spec"]["deviceId"] == "dev7"
+        home = daemon.services["identityd"].home
+        assert not (home / "device_info").exists()
+        cloud.hub.behave()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and cloud.hub.module("dev7", "mod1") is None:
+            time.sleep(0.2)
+        assert cloud.hub.module("dev7", "mod1") is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (home / "device_info").exists():
+            time.sleep(0.1)
+        assert 'device_id = "dev7"' in (home / "device_info").read_text()
+        assert "reconciliation done after the hub came back" in daemon.logs()
+    finally:
+        daemon.stop()

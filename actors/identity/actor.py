@@ -159,6 +159,8 @@ class IdentityActor:
         self._changes = trio.Lock()  # provisioning and reconciliation, one at a time
         self._load_config = load_config
         self._watch = watch
+        # True while a reconciliation is owed because the hub could not be reached.
+        self._reconcile_owed = False
         self.ready = ready if ready is not None else trio.Event()
         self._dispatch = dispatcher(Identity, self)
 
@@ -184,9 +186,42 @@ class IdentityActor:
             await trio.sleep(delay * (0.9 + 0.2 * random.random()))
             delay = min(delay * 2, RETRY_MOST)
         self.ready.set()
-        if self._watch is None:
-            await trio.sleep_forever()
-        await self._watch_config()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._retry_reconciliation)
+            if self._watch is not None:
+                nursery.start_soon(self._watch_config)
+
+    async def _retry_reconciliation(self) -> None:
+        """While the hub could not be reached for a reconciliation (at start, after a reload),
+        try again with backoff: modules added to the principals while offline get made once
+        the hub is back, and `device_info` is written then, as after any success."""
+        delay = RETRY_FIRST
+        while True:
+            await trio.sleep(delay * (0.9 + 0.2 * random.random()))
+            if not self._reconcile_owed:
+                delay = RETRY_FIRST
+                continue
+            async with self._changes:
+                device = self._device
+                if device is None or not self._reconcile_owed:
+                    continue
+                try:
+                    await self._reconcile(device)
+                except CloudFailed as error:
+                    delay = min(delay * 2, RETRY_MOST)
+                    log.warning(
+                        "reconciliation: %s client error (%s); trying again in about %.0f s",
+                        error.service,
+                        error.cause,
+                        delay,
+                    )
+                    continue
+                except BusError as error:
+                    delay = min(delay * 2, RETRY_MOST)
+                    log.error("reconciliation failed: %s", error.message)
+                    continue
+            log.info("reconciliation done after the hub came back")
+            delay = RETRY_FIRST
 
     async def _watch_config(self) -> None:
         """Reload when the config files change, as the original's watcher does (debounced:
@@ -236,6 +271,7 @@ class IdentityActor:
                     log.warning(
                         "cannot reach the hub (%s); serving from the backups, offline", error.cause
                     )
+                    self._reconcile_owed = True
                     return
                 log.warning("the hub refused the device (%s); provisioning again", error.cause)
                 await trio.to_thread.run_sync(self._state.clear_device_info)
@@ -406,6 +442,7 @@ class IdentityActor:
         await trio.to_thread.run_sync(self._state.write_device_info, device.info)
         principals = [(p.uid, p.name, p.idtype) for p in self.config.principal]
         await trio.to_thread.run_sync(self._state.write_prev_state, principals)
+        self._reconcile_owed = False
 
     # -- module identities -------------------------------------------------------------------
 
@@ -709,6 +746,8 @@ class IdentityActor:
                     error.service,
                     error.cause,
                 )
+                if error.network:
+                    self._reconcile_owed = True
             except BusError as error:
                 log.error("after the reload: %s", error.message)
         log.info("reloaded identityd's settings and principals")
