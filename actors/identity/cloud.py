@@ -36,6 +36,7 @@ followed). `HTTPS_PROXY` / `NO_PROXY` apply (httpx `trust_env`).
 
 from __future__ import annotations
 
+import email.utils
 import http
 import http.cookiejar
 import json
@@ -131,6 +132,24 @@ def throttle_delay(attempt: int, random: Callable[[], float]) -> float | None:
     return base + jitter * random()
 
 
+MAX_RETRY_AFTER = 3600.0  # seconds: a longer Retry-After is taken as this
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """Seconds a 429's `Retry-After` asks for (delta-seconds or an HTTP date); None if absent
+    or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return min(float(text), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER)
+
+
 class _Timeout(Exception):
     """The attempt's deadline passed while the body was still arriving."""
 
@@ -213,6 +232,11 @@ class CloudClient:
                     return response
             if error is None:
                 delay = throttle_delay(attempt, self._random)
+                # Beyond the original, which ignores it: never back before the service's
+                # Retry-After (plus up to 10% jitter, so a fleet does not come back in step).
+                asked = retry_after(response.headers.get("retry-after"), self.now())
+                if delay is not None and asked is not None:
+                    delay = max(delay, asked * (1 + 0.1 * self._random()))
                 if delay is None:
                     log.warning(
                         "%s %s throttled (attempt %d of %d); giving up",
