@@ -536,3 +536,21 @@ def test_a_hub_outage_during_reconciliation_is_retried(world_dir: Path, cloud: C
         assert "reconciliation done after the hub came back" in daemon.logs()
     finally:
         daemon.stop()
+
+
+def test_a_caller_polling_its_identity_does_not_hammer_the_hub(
+    world_dir: Path, cloud: Cloud
+) -> None:
+    enrollment = cloud.dps.add_symmetric_enrollment("dev8")
+    daemon = start(
+        world_dir, cloud, dps_config(cloud, "dev8", MODULE_PRINCIPAL), enrollment.primary_key
+    )
+    try:
+        cloud.hub.clear_requests()
+        for _ in range(30):
+            reply = get(daemon, "/identities/modules/mod1?type=aziot")
+            assert reply.status == 200, reply.body
+        gets = [r for r in cloud.hub.requests if r.method == "GET" and r.path.endswith("/mod1")]
+        assert 1 <= len(gets) <= 3, len(gets)  # one per 5 s at most
+    finally:
+        daemon.stop()

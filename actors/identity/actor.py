@@ -65,6 +65,7 @@ from .state import DeviceInfo, StateFiles
 log = logging.getLogger(__name__)
 
 MASTER_KEY_ID = "aziot_identityd_master_id"
+HUB_FRESH = 5.0  # seconds a module the hub gave is served from its backup without asking again
 CONFIG_POLL = 2.0  # seconds between looks at the config files' modification times
 CONFIG_SETTLE = 2.0  # seconds a change must hold still before it is read (the original: 10)
 RETRY_FIRST, RETRY_MOST = 5.0, 300.0  # seconds between provisioning attempts at start
@@ -159,6 +160,8 @@ class IdentityActor:
         self._changes = trio.Lock()  # provisioning and reconciliation, one at a time
         self._load_config = load_config
         self._watch = watch
+        self._module_locks: dict[str, trio.Lock] = {}
+        self._hub_fetched: dict[tuple[DeviceInfo, str], float] = {}  # trio clock
         # True while a reconciliation is owed because the hub could not be reached.
         self._reconcile_owed = False
         self.ready = ready if ready is not None else trio.Event()
@@ -524,20 +527,32 @@ class IdentityActor:
 
     async def _module(self, module_id: str) -> dict[str, Any]:
         """A module identity with its key handle: hub first, then the backup (or the other
-        way round with `prefer_module_identity_cache`)."""
+        way round with `prefer_module_identity_cache`).
+
+        Beyond the original, which asks the hub at every read: reads of one module share one
+        hub request, and a module the hub answered for less than `HUB_FRESH` s ago is read
+        from its backup, so a caller polling its identity in a loop cannot make identityd
+        hammer the hub (and be throttled, for every module of the device)."""
         device = self._need_device()
-        creds = await self._credentials(device)
-        cached = await trio.to_thread.run_sync(self._state.read_module, device.info, module_id)
-        module = cached if self.config.prefer_module_identity_cache else None
-        if module is None:
-            try:
-                module = await self._cloud.get_module(device.info, module_id, creds)
-                await trio.to_thread.run_sync(self._state.write_module, device.info, module)
-            except CloudFailed:
-                if cached is None:
-                    raise
-                log.warning("module %s: the hub failed; answering from its backup", module_id)
-                module = cached
+        lock = self._module_locks.setdefault(module_id, trio.Lock())
+        async with lock:
+            cached = await trio.to_thread.run_sync(self._state.read_module, device.info, module_id)
+            fetched = self._hub_fetched.get((device.info, module_id))
+            fresh = fetched is not None and trio.current_time() - fetched < HUB_FRESH
+            module = cached if self.config.prefer_module_identity_cache or fresh else None
+            if module is None:
+                try:
+                    creds = await self._credentials(device)
+                    module = await self._cloud.get_module(device.info, module_id, creds)
+                    await trio.to_thread.run_sync(self._state.write_module, device.info, module)
+                    self._hub_fetched[(device.info, module_id)] = trio.current_time()
+                except CloudFailed:
+                    if cached is None:
+                        raise
+                    log.warning("module %s: the hub failed; answering from its backup", module_id)
+                    module = cached
+        if not lock.locked() and lock.statistics().tasks_waiting == 0:
+            self._module_locks.pop(module_id, None)
         generation = module.get("generationId")
         if generation is None:
             raise invalid("module identity not found")
