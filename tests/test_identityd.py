@@ -554,3 +554,74 @@ def test_a_caller_polling_its_identity_does_not_hammer_the_hub(
         assert 1 <= len(gets) <= 3, len(gets)  # one per 5 s at most
     finally:
         daemon.stop()
+
+
+def test_the_device_identity_cert_is_renewed_and_registered_again(
+    world_dir: Path, cloud: Cloud
+) -> None:
+    import base64 as b64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    ca_pem, ca_key, ca_cert = make_ca(world_dir / "ca")
+    cloud.dps.add_x509_group("renewing-group", ca_cert)
+
+    def keyd(service: ServiceDir) -> str:
+        return keyd_config(service) + f'[preloaded_keys]\nlocal-ca = "file://{ca_key}"\n'
+
+    def certd(service: ServiceDir) -> str:
+        return f"""homedir_path = "{service.home}"
+not_before_margin_secs = 0
+[cert_issuance]
+local_ca = {{ cert = "local-ca", pk = "local-ca" }}
+device-id = {{ method = "local_ca", expiry_days = 1 }}
+device-id-temp = {{ method = "local_ca", expiry_days = 1 }}
+[preloaded_certs]
+local-ca = "file://{ca_pem}"
+"""
+
+    def identityd(service: ServiceDir) -> str:
+        return f"""hostname = "renewing-dev"
+homedir = "{service.home}"
+[provisioning]
+source = "dps"
+global_endpoint = "{cloud.dps_url}"
+scope_id = "{cloud.id_scope}"
+[provisioning.attestation]
+method = "x509"
+identity_cert = "device-id"
+identity_pk = "device-id"
+registration_id = "renewing-dev"
+identity_auto_renew = {{ rotate_key = true, threshold = "1440min", retry = "4%" }}
+"""
+
+    env = {"SSL_CERT_FILE": str(cloud.server_ca_pem_path), "NO_PROXY": "*"}
+    services = {"keyd": keyd, "certd": certd, "identityd": identityd}
+    daemon = Daemon(world_dir / "d", services, env=env).start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "renewed the device identity cert" not in (
+            daemon.logs()
+        ):
+            time.sleep(0.2)
+        assert "renewed the device identity cert device-id (key rotated)" in daemon.logs()
+        registers = [r for r in cloud.dps.requests if r.method == "PUT"]
+        assert len(registers) == 2 and all(r.auth == "x509" for r in registers)
+        pem = daemon.request("certd", "GET", "/certificates/device-id").json()["pem"]
+        leaf = x509.load_pem_x509_certificates(pem.encode())[0]
+        leaf.verify_directly_issued_by(ca_cert)
+        # keyd's device-id is the renewed cert's key; the temporary key and cert are gone.
+        handle = daemon.request("keyd", "GET", "/keypair/device-id").json()["keyHandle"]
+        modulus = daemon.request(
+            "keyd", "POST", "/parameters/rsa-modulus", {"keyHandle": handle}
+        ).json()["value"]
+        public = leaf.public_key()
+        assert isinstance(public, rsa.RSAPublicKey)
+        assert int.from_bytes(b64.b64decode(modulus)) == public.public_numbers().n
+        assert daemon.request("keyd", "GET", "/keypair/device-id-temp").status == 400
+        assert daemon.request("certd", "GET", "/certificates/device-id-temp").status == 400
+        reply = get(daemon, "/identities/identity")
+        assert reply.status == 200 and reply.json()["spec"]["deviceId"] == "renewing-dev"
+    finally:
+        daemon.stop()

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from aziot.actors.certs import renewal as certs_renewal
 from aziot.actors.certs.issuance import name_oid
 from aziot.actors.certs.messages import Certs, CreateCert, GetCert
 from aziot.actors.keys.messages import (
@@ -43,7 +44,7 @@ from aziot.bus.errors import BusError, ErrorKind, internal, invalid, unauthorize
 from aziot.bus.faults import Faults
 from aziot.bus.protocol import NOTHING, Caller, Client, Nothing, dispatcher
 
-from . import cloudcalls, local
+from . import cloudcalls, local, renewal
 from .callers import Callers
 from .cloudcalls import CloudFailed
 from .messages import (
@@ -130,6 +131,12 @@ def common_name(chain: bytes) -> str:
     return str(names[0].value)
 
 
+def _auto_renewed(config: Any) -> bool:
+    kind = config.provisioning.kind
+    attestation = getattr(kind, "attestation", None)
+    return getattr(attestation, "identity_auto_renew", None) is not None
+
+
 def device_not_found() -> BusError:
     return invalid("device identity not found")
 
@@ -160,6 +167,9 @@ class IdentityActor:
         self._changes = trio.Lock()  # provisioning and reconciliation, one at a time
         self._load_config = load_config
         self._watch = watch
+        self._renewals: certs_renewal.RenewalEngine | None = None
+        if _auto_renewed(config):
+            self._renewals = certs_renewal.RenewalEngine()
         self._module_locks: dict[str, trio.Lock] = {}
         self._hub_fetched: dict[tuple[DeviceInfo, str], float] = {}  # trio clock
         # True while a reconciliation is owed because the hub could not be reached.
@@ -191,6 +201,8 @@ class IdentityActor:
         self.ready.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._retry_reconciliation)
+            if self._renewals is not None:
+                nursery.start_soon(self._renew_device_identity)
             if self._watch is not None:
                 nursery.start_soon(self._watch_config)
 
@@ -225,6 +237,54 @@ class IdentityActor:
                     continue
             log.info("reconciliation done after the hub came back")
             delay = RETRY_FIRST
+
+    async def _renew_device_identity(self) -> None:
+        """The device identity cert under the renewal engine (DPS X.509 `identity_auto_renew`)."""
+        assert self._renewals is not None
+        attestation = self.config.provisioning.kind.attestation
+        setting = attestation.identity_auto_renew
+        policy = certs_renewal.AutoRenew.parse(setting.rotate_key, setting.threshold, setting.retry)
+        cert_id, key_id = attestation.identity_cert, attestation.identity_pk
+
+        async def read() -> bytes | None:
+            pem = await self._certd_pem(cert_id)
+            return None if pem is None else pem.encode()
+
+        async def renew(current: bytes, rotate: bool) -> None:
+            assert self._certs is not None
+            await renewal.finish_rotation(self._keys, current, key_id)
+            await renewal.renew_device_identity(
+                self._keys,
+                self._certs,
+                cert_id,
+                key_id,
+                current,
+                rotate,
+                self._register_with,
+                identity_csr,
+            )
+
+        current = await read()
+        if current is not None:
+            await renewal.finish_rotation(self._keys, current, key_id)
+        self._renewals.add(certs_renewal.Credential(cert_id, key_id, policy, read, renew))
+        await self._renewals.run()
+
+    async def _register_with(self, chain: bytes, handle: str) -> None:
+        """Register with DPS with a renewed identity cert; the device stays as it was if this
+        fails (the original forgets it first)."""
+        async with self._changes:
+            creds = cloudcalls.Credentials(
+                chain=chain, private_op=keys_private_op(self._keys, handle)
+            )
+            info = await self._cloud.register(creds, await self._registration_id())
+            old = self._device
+            if old is not None:
+                self._device = attrs.evolve(old, info=info)
+                if info != old.info:
+                    self._reconcile_owed = True
+            await trio.to_thread.run_sync(self._state.write_device_info, info)
+            log.info("registered with DPS with the renewed identity cert as %s", info.device_id)
 
     async def _watch_config(self) -> None:
         """Reload when the config files change, as the original's watcher does (debounced:

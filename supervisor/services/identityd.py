@@ -10,6 +10,7 @@ from __future__ import annotations
 import trio
 
 from aziot.actors.certs.messages import Certs
+from aziot.actors.certs.renewal import parse_policy
 from aziot.actors.identity.actor import ConfigWatch, IdentityActor
 from aziot.actors.identity.messages import Identity, Reload
 from aziot.actors.keys.messages import Keys
@@ -38,11 +39,15 @@ def check_supported(config: IdentitydConfig, source: str, environ: dict[str, str
                 "aziotd yet"
             )
         x509 = attestation.METHOD == "x509"
-        if x509 and attestation.identity_auto_renew is not None:
-            raise ConfigError(
-                f"{source}: provisioning.attestation.identity_auto_renew is not supported by "
-                "this version of aziotd yet"
-            )
+        renew = attestation.identity_auto_renew if x509 else None
+        if renew is not None:
+            for key in ("threshold", "retry"):
+                try:
+                    parse_policy(getattr(renew, key))
+                except ValueError as error:
+                    raise ConfigError(
+                        f"{source}: provisioning.attestation.identity_auto_renew.{key}: {error}"
+                    ) from None
     if x509 and not ServicePaths.from_env("certd", environ).config_file.is_file():
         raise ConfigError(
             f"{source}: X.509 provisioning takes the identity cert from certd, but certd is "
