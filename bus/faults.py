@@ -39,6 +39,7 @@ POINTS: dict[str, str] = {
     "identity.state.write": "writing identityd's device_info, prev_state or a module backup",
     "identity.state.fsync": "fsync of one of identityd's state files",
     "identity.cloud": "each DPS or IoT Hub call (before it is sent)",
+    "tpm.call": "any call into the TPM (ESAPI), on the TPM worker thread",
 }
 
 
