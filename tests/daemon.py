@@ -64,12 +64,15 @@ def keyd_config(service: ServiceDir) -> str:
 
 # A config each service starts with, for tests that start every declared service at once.
 # A new service adds its own here beside its line in supervisor/services' SERVICES.
+# tpmd's points at a swtpm socket that does not exist: tpmd serves without its TPM (requests get
+# 500 while it retries opening it), so the harness needs no TPM; tests/test_tpmd.py runs swtpm.
 MINIMAL_CONFIGS: dict[str, Snippet] = {
     "keyd": keyd_config,
     "certd": lambda service: f'homedir_path = "{service.home}"\n',
     "identityd": lambda service: (
         f'hostname = "test-device"\nhomedir = "{service.home}"\n[provisioning]\nsource = "none"\n'
     ),
+    "tpmd": lambda service: f'tcti = "swtpm:path={service.home}/no-swtpm.sock"\n',
 }
 
 

@@ -41,6 +41,7 @@ def declared(name: str) -> Builder:
 SERVICES: dict[str, Builder] = {
     "keyd": declared("keyd"),
     "certd": declared("certd"),
+    "tpmd": declared("tpmd"),
     "identityd": declared("identityd"),
 }
 
