@@ -219,6 +219,24 @@ def test_a_crash_in_the_worker_restarts_it(world_dir: Path, tpm: Swtpm) -> None:
         daemon.stop()
 
 
+def test_a_hung_tpm_gets_quick_500s_while_keyd_serves(world_dir: Path, tpm: Swtpm) -> None:
+    daemon = Daemon(
+        world_dir / "d",
+        {"keyd": keyd_config, "tpmd": tpmd_config(tpm)},
+        env={"AZIOTD_FAULTS": "tpm.call=hang*1"},  # the first TPM call (opening it) never returns
+    ).start()
+    try:
+        started = time.monotonic()
+        reply = daemon.request("tpmd", "POST", "/sign_with_auth_key", {"data": b64(b"x")})
+        assert (reply.status, reply.json()) == (500, INTERNAL)
+        assert time.monotonic() - started < 2
+        reply = daemon.request("keyd", "POST", "/key", {"keyId": "k", "usage": "sign"})
+        assert reply.status == 200
+        assert "could not sign with auth key: the TPM is not available" in daemon.logs()
+    finally:
+        daemon.stop()
+
+
 def test_a_wrong_owner_password_is_named_in_the_log(world_dir: Path, tpm: Swtpm) -> None:
     config = tpmd_config(tpm, '[hierarchy_authorization]\nowner = "not-the-password"\n')
     daemon = Daemon(world_dir / "d", {"tpmd": config}).start()
