@@ -195,8 +195,16 @@ class ServiceApp:
 
     async def _respond(self, incoming: http1.Request) -> Response:
         path, _, query_text = incoming.target.decode("latin-1").partition("?")
-        query = dict(parse_qsl(query_text, keep_blank_values=True))
-        api_version = query.pop("api-version", None)
+        pairs = parse_qsl(query_text, keep_blank_values=True)
+        # The original's api-version is the last one given; a route's own parameters (`type`)
+        # are looked up with `find`, so the first one counts.
+        query: dict[str, str] = {}
+        api_version = None
+        for name, value in pairs:
+            if name == "api-version":
+                api_version = value
+            else:
+                query.setdefault(name, value)
         if api_version is None:
             raise HttpError(400, "api-version not specified")
         if api_version not in self._versions:

@@ -11,8 +11,6 @@ import random
 import time
 from pathlib import Path
 
-import pytest
-
 from mockcloud.cloud import Cloud
 from tests.crash_harness import MIN_WRITES
 from tests.identity_crash import (
@@ -28,13 +26,6 @@ REPROVISION_CYCLE = 5  # the one cycle whose kill is aimed inside a reprovisioni
 SEED = 20261130
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=LeftoverTempFiles,
-    reason="identityd does not sweep the `.<random>.tmp` files an interrupted atomic write "
-    "leaves in its homedir (keyd's and certd's stores do, at start): a kill inside a write of "
-    "device_info, prev_state or a module backup leaves one for good",
-)
 def test_identity_writes_survive_sigkill(world_dir: Path) -> None:
     started = time.monotonic()
     summary = RunSummary()

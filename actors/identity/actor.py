@@ -137,6 +137,19 @@ def _auto_renewed(config: Any) -> bool:
     return getattr(attestation, "identity_auto_renew", None) is not None
 
 
+# Rust's `str::trim` (Unicode White_Space), which the original uses on module names; Python's
+# `str.strip` also strips U+001C..U+001F, which Rust keeps.
+RUST_WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+    "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+
+
+def check_module_name(module_id: str) -> None:
+    if not module_id.strip(RUST_WHITESPACE):
+        raise invalid_parameter("module_id", "module name cannot be empty")
+
+
 def device_not_found() -> BusError:
     return invalid("device identity not found")
 
@@ -606,8 +619,12 @@ class IdentityActor:
                     module = await self._cloud.get_module(device.info, module_id, creds)
                     await trio.to_thread.run_sync(self._state.write_module, device.info, module)
                     self._hub_fetched[(device.info, module_id)] = trio.current_time()
-                except CloudFailed:
+                except CloudFailed as error:
                     if cached is None:
+                        if error.status == 404:
+                            raise CloudFailed(
+                                "Hub", f"module {module_id} not found", False, 404
+                            ) from None
                         raise
                     log.warning("module %s: the hub failed; answering from its backup", module_id)
                     module = cached
@@ -617,7 +634,8 @@ class IdentityActor:
         if generation is None:
             raise invalid("module identity not found")
         master = await self._master_handle()
-        data = f"{module_id}:{generation}:primary".encode()
+        # The hub's module id, not the one asked for: they differ when the hub decodes `%XX`.
+        data = f"{module['moduleId']}:{generation}:primary".encode()
         derived = await self._keys.call(Keys.create_derived_key, CreateDerivedKey(master, data))
         return self._module_identity(device, module, derived.handle)
 
@@ -686,6 +704,8 @@ class IdentityActor:
         if modules is None:
             try:
                 modules = await self._cloud.list_modules(device.info, creds)
+                for module in modules:
+                    await trio.to_thread.run_sync(self._state.write_module, device.info, module)
             except CloudFailed:
                 if not cached:
                     raise
@@ -703,8 +723,7 @@ class IdentityActor:
                     "moduleId", f"local identity for {msg.module_id} already exists"
                 )
             return Json(await self._local_identity(msg.module_id, local.options(msg.local_opts)))
-        if not msg.module_id.strip():
-            raise invalid_parameter("module_id", "module name cannot be empty")
+        check_module_name(msg.module_id)
         device = self._need_device()
         creds = await self._credentials(device)
         return Json(await self._create_hub_module(device, msg.module_id, creds))
@@ -722,6 +741,7 @@ class IdentityActor:
             opts = principal.localid
             attributes = opts.attributes if opts is not None else "client"
             return Json(await self._local_identity(msg.module_id, attributes))
+        check_module_name(msg.module_id)
         return Json(await self._module(msg.module_id))
 
     def _local_principals(self) -> dict[str, Any]:
@@ -756,6 +776,7 @@ class IdentityActor:
         if not self._who(caller).manages:
             raise unauthorized("authorization error")
         self._check_type(msg.type)
+        check_module_name(msg.module_id)
         device = self._need_device()
         creds = await self._credentials(device)
         module = await self._cloud.get_module(device.info, msg.module_id, creds)
@@ -765,6 +786,7 @@ class IdentityActor:
         if not self._who(caller).manages:
             raise unauthorized("authorization error")
         self._check_type(msg.type)
+        check_module_name(msg.module_id)
         device = self._need_device()
         creds = await self._credentials(device)
         await self._cloud.delete_module(device.info, msg.module_id, creds)

@@ -40,11 +40,12 @@ class Credentials:
 class CloudFailed(Exception):
     """A DPS or hub request failed; `network` when the cloud could not be reached."""
 
-    def __init__(self, service: str, cause: str, network: bool) -> None:
+    def __init__(self, service: str, cause: str, network: bool, status: int | None = None) -> None:
         super().__init__(cause)
         self.service = service
         self.cause = cause
         self.network = network
+        self.status = status
 
 
 def normalized_endpoint(url: str) -> str:
@@ -84,7 +85,7 @@ class Cloud:
         try:
             return await trio.to_thread.run_sync(call, limiter=self._threads)
         except CloudError as error:
-            raise CloudFailed(service, error.message, error.network) from None
+            raise CloudFailed(service, error.message, error.network, error.status) from None
 
     # -- DPS ---------------------------------------------------------------------------------
 

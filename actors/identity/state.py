@@ -69,7 +69,12 @@ class StateFiles:
         return self.homedir / "prev_state"
 
     def prepare(self) -> None:
+        """The homedir 0700, and temp files that a crash mid-write left behind removed (the
+        renames they were for never happened, so they hold nothing anyone acknowledged)."""
         make_directories(self.homedir, 0o700)
+        for stale in [*self.homedir.glob(".*.tmp"), *self.homedir.glob("modules/*/.*.tmp")]:
+            log.info("removing %s, left by an interrupted write", stale)
+            stale.unlink(missing_ok=True)
 
     def _write(self, path: Path, text: str) -> None:
         make_directories(path.parent, 0o700)
