@@ -40,6 +40,7 @@ from aziot.actors.keys.messages import (
 )
 from aziot.actors.remote_private_key import keys_private_op, public_key_of, remote_private_key
 from aziot.actors.texts import INTERNAL_ERROR, invalid_parameter
+from aziot.actors.tpm.protocol import ImportAuthKey, SignWithAuthKey, Tpm
 from aziot.bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
 from aziot.bus.faults import Faults
 from aziot.bus.protocol import NOTHING, Caller, Client, Nothing, dispatcher
@@ -164,6 +165,7 @@ class IdentityActor:
         keys: Client,
         *,
         certs: Client | None = None,
+        tpm: Client | None = None,
         cloud: cloudcalls.Cloud | None = None,
         ready: trio.Event | None = None,
         load_config: Callable[[], Any] | None = None,
@@ -172,6 +174,7 @@ class IdentityActor:
         self.config = config
         self._keys = keys
         self._certs = certs
+        self._tpm = tpm
         self._faults = faults
         self._state = StateFiles(config.homedir, faults)
         self._callers = Callers(config.principal)
@@ -290,7 +293,7 @@ class IdentityActor:
             creds = cloudcalls.Credentials(
                 chain=chain, private_op=keys_private_op(self._keys, handle)
             )
-            info = await self._cloud.register(creds, await self._registration_id())
+            info, _ = await self._cloud.register(creds, await self._registration_id())
             old = self._device
             if old is not None:
                 self._device = attrs.evolve(old, info=info)
@@ -373,6 +376,8 @@ class IdentityActor:
         attestation = kind.attestation
         if attestation.METHOD == "symmetric_key":
             template = Device(DeviceInfo("", "", ""), "sas", attestation.symmetric_key)
+        elif attestation.METHOD == "tpm":
+            template = Device(DeviceInfo("", "", ""), "tpm", None)
         else:
             template = Device(
                 DeviceInfo("", "", ""), "x509", attestation.identity_pk, attestation.identity_cert
@@ -389,15 +394,40 @@ class IdentityActor:
                 )
                 return attrs.evolve(template, info=backup)
         registration_id = await self._registration_id()
+        if template.auth == "tpm":
+            keys = await self._tpm_call(Tpm.get_tpm_keys, NOTHING)
+            blob = await self._cloud.tpm_challenge(
+                registration_id, keys.endorsement_key, keys.storage_root_key
+            )
+            await self._tpm_call(Tpm.import_auth_key, ImportAuthKey(blob))
+            log.info("imported the auth key DPS sent for this TPM")
         creds = await self._credentials(template)
-        info = await self._cloud.register(creds, registration_id)
+        info, auth_key = await self._cloud.register(creds, registration_id)
+        if auth_key is not None:
+            await self._tpm_call(Tpm.import_auth_key, ImportAuthKey(auth_key))
         log.info("provisioned by DPS as %s on %s", info.device_id, info.hub_name)
         return attrs.evolve(template, info=info)
+
+    async def _tpm_call(self, operation: Any, request: Any) -> Any:
+        if self._tpm is None:
+            raise internal("TPM attestation needs tpmd in this aziotd")
+        try:
+            return await self._tpm.call(operation, request)
+        except BusError as error:
+            raise internal(f"tpmd: {error.message}") from None
+
+    def _tpm_signer(self) -> Callable[[bytes], bytes]:
+        """HMAC-SHA256 with the TPM's auth key, callable from a worker thread."""
+
+        async def sign(data: bytes) -> bytes:
+            return (await self._tpm_call(Tpm.sign_with_auth_key, SignWithAuthKey(data))).digest
+
+        return lambda data: trio.from_thread.run(sign, data)
 
     async def _registration_id(self) -> str:
         """DPS's registration id: configured, or (X.509) the identity cert's CN."""
         attestation = self.config.provisioning.kind.attestation
-        if attestation.METHOD == "symmetric_key":
+        if attestation.METHOD in ("symmetric_key", "tpm"):
             return attestation.registration_id
         if attestation.registration_id is not None:
             return attestation.registration_id.cn
@@ -461,6 +491,8 @@ class IdentityActor:
         return reply.pem
 
     async def _credentials(self, device: Device) -> cloudcalls.Credentials:
+        if device.auth == "tpm":
+            return cloudcalls.Credentials(sign=self._tpm_signer())
         if device.auth == "x509":
             chain, handle = await self._x509_identity(device, None)
             return cloudcalls.Credentials(

@@ -89,24 +89,44 @@ class Cloud:
 
     # -- DPS ---------------------------------------------------------------------------------
 
-    async def register(self, creds: Credentials, registration_id: str) -> DeviceInfo:
+    def _dps(self, client: CloudClient, registration_id: str) -> DpsClient:
         dps = self.config.provisioning.kind
+        return DpsClient(
+            client,
+            scope_id=dps.scope_id,
+            registration_id=registration_id,
+            endpoint=dps.global_endpoint,
+            timeout=self.config.cloud_timeout_sec,
+            retries=self.config.cloud_retries,
+        )
+
+    async def register(
+        self, creds: Credentials, registration_id: str
+    ) -> tuple[DeviceInfo, bytes | None]:
+        """The assignment, and the TPM auth key DPS sent with it, if any."""
         payload = await trio.to_thread.run_sync(read_payload, self.config.provisioning)
 
-        def work(client: CloudClient) -> DeviceInfo:
-            registration = DpsClient(
-                client,
-                scope_id=dps.scope_id,
-                registration_id=registration_id,
-                endpoint=dps.global_endpoint,
-                timeout=self.config.cloud_timeout_sec,
-                retries=self.config.cloud_retries,
-            )
+        def work(client: CloudClient) -> tuple[DeviceInfo, bytes | None]:
+            registration = self._dps(client, registration_id)
             assigned = registration.register(creds.sign, payload=payload)
             # DPS never assigns a nested device: its gateway is the hub itself.
-            return DeviceInfo(assigned.assigned_hub, assigned.assigned_hub, assigned.device_id)
+            info = DeviceInfo(assigned.assigned_hub, assigned.assigned_hub, assigned.device_id)
+            return info, assigned.authentication_key
 
         return await self._run("DPS", work, creds)
+
+    async def tpm_challenge(
+        self, registration_id: str, endorsement_key: bytes, storage_root_key: bytes
+    ) -> bytes:
+        """TPM attestation's first step: DPS answers the EK and SRK with an auth key blob
+        only this TPM can import (spec/provisioning.md §8.4)."""
+        payload = await trio.to_thread.run_sync(read_payload, self.config.provisioning)
+
+        def work(client: CloudClient) -> bytes:
+            registration = self._dps(client, registration_id)
+            return registration.tpm_challenge(endorsement_key, storage_root_key, payload=payload)
+
+        return await self._run("DPS", work, Credentials())
 
     # -- the hub -----------------------------------------------------------------------------
 

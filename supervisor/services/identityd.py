@@ -14,6 +14,7 @@ from aziot.actors.certs.renewal import parse_policy
 from aziot.actors.identity.actor import ConfigWatch, IdentityActor
 from aziot.actors.identity.messages import Identity, Reload
 from aziot.actors.keys.messages import Keys
+from aziot.actors.tpm.protocol import Tpm
 from aziot.api.identityd import IdentitydApi
 from aziot.bus.bus import Bus
 from aziot.bus.faults import Faults
@@ -33,10 +34,12 @@ def check_supported(config: IdentitydConfig, source: str, environ: dict[str, str
         x509 = kind.authentication.METHOD == "x509"  # type: ignore[union-attr]
     elif config.provisioning.source == "dps":
         attestation = kind.attestation  # type: ignore[union-attr]
-        if attestation.METHOD == "tpm":
+        if attestation.METHOD == "tpm" and not (
+            ServicePaths.from_env("tpmd", environ).config_file.is_file()
+        ):
             raise ConfigError(
-                f"{source}: provisioning with dps tpm is not supported by this version of "
-                "aziotd yet"
+                f"{source}: TPM attestation goes through tpmd, but tpmd is not configured in "
+                "this aziotd"
             )
         x509 = attestation.METHOD == "x509"
         renew = attestation.identity_auto_renew if x509 else None
@@ -91,6 +94,7 @@ def identityd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, 
             faults,
             Client(bus, Keys, Caller(service="identityd")),
             certs=Client(bus, Certs, Caller(service="identityd")),
+            tpm=Client(bus, Tpm, Caller(service="identityd")),
             ready=ready_event(),
             load_config=reload_config,
             watch=ConfigWatch(paths.config_file, paths.config_dir),
