@@ -537,12 +537,12 @@ def _check(top: _Table, config: IdentitydConfig) -> None:
             raise ConfigError(f"{here}.name: duplicate module name {p.name!r} (also {first})")
         seen[p.name] = index
         if p.uid in by_uid:
-            # The original keys its principal map by uid and the later entry wins; kept, but said.
-            log.warning(
-                "%s: uid %d is also principal[%d]; the later principal replaces the earlier",
-                here,
-                p.uid,
-                by_uid[p.uid],
+            # The original keys its principal map by uid, so the later entry silently replaces
+            # the earlier one: a caller loses the identity its first entry gave. Refused here.
+            first = top.origins_note(f"principal[{by_uid[p.uid]}]")
+            raise ConfigError(
+                f"{here}.uid: uid {p.uid} already has a principal ({first}); one principal "
+                "per uid"
             )
         by_uid[p.uid] = index
         if p.idtype is None:

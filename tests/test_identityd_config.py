@@ -471,15 +471,14 @@ def test_none_provisioning_allows_untyped_and_local_principals() -> None:
     ]
 
 
-def test_duplicate_uid_kept_with_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_duplicate_uids_refused() -> None:
     text = (
         GOOD_SAS_CONFIG
         + '[[principal]]\nuid = 5\nname = "a"\n[[principal]]\nuid = 5\nname = "b"\nidtype = ["module"]\n'
     )
-    with caplog.at_level(logging.WARNING, logger="aziot.config.identityd"):
-        config = parse(text)
-    assert [p.name for p in config.principal] == ["a", "b"]
-    assert "uid 5 is also principal[0]" in caplog.text
+    message = refused(text)
+    assert "principal[1].uid" in message and "uid 5 already has a principal" in message
+    assert "principal[0]" in message
 
 
 # Refusals: Settings::check ----------------------------------------------------------------------
