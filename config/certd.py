@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from .loader import ConfigError, ServicePaths, load_merged
+from .loader import ConfigError, ServicePaths, load_merged, type_name
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class _Table:
 
     def __init__(self, data: Any, where: str) -> None:
         if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a table, found {_type_name(data)}")
+            raise ConfigError(f"{where}: expected a table, found {type_name(data)}")
         self.data = data
         self.where = where
         self._taken: set[str] = set()
@@ -126,7 +126,7 @@ class _Table:
         if isinstance(value, bool) and bool not in kinds:
             raise ConfigError(f"{self.name(key)}: expected {expected}, found a boolean")
         if not isinstance(value, kinds):
-            raise ConfigError(f"{self.name(key)}: expected {expected}, found {_type_name(value)}")
+            raise ConfigError(f"{self.name(key)}: expected {expected}, found {type_name(value)}")
         return value
 
     def name(self, key: str) -> str:
@@ -155,7 +155,7 @@ class _Table:
         for item in value:
             if not isinstance(item, str):
                 raise ConfigError(
-                    f"{self.name(key)}: expected an array of strings, found {_type_name(item)}"
+                    f"{self.name(key)}: expected an array of strings, found {type_name(item)}"
                 )
         return list(value)
 
@@ -167,18 +167,6 @@ class _Table:
         if unknown:
             names = ", ".join(self.name(k) for k in unknown)
             raise ConfigError(f"unknown key {names}; {known}")
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    return {
-        str: "a string",
-        int: "an integer",
-        float: "a float",
-        list: "an array",
-        dict: "a table",
-    }.get(type(value), type(value).__name__)
 
 
 def _pair(table: _Table, first: str, second: str) -> tuple[str, str] | None:
@@ -320,8 +308,7 @@ def _preloaded(table: _Table) -> dict[str, str | list[str]]:
             preloaded[cert_id] = list(value)
         else:
             raise ConfigError(
-                f"{where}: expected a file:// URI or an array of cert ids, "
-                f"found {_type_name(value)}"
+                f"{where}: expected a file:// URI or an array of cert ids, found {type_name(value)}"
             )
     return preloaded
 

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 from .certd import AutoRenew
-from .loader import ConfigError, ServicePaths, merge, read_toml
+from .loader import ConfigError, ServicePaths, merge, read_toml, type_name
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class _Table:
         self.where = where
         self.origins = origins
         if not isinstance(data, dict):
-            raise ConfigError(f"{self.here()}: expected a table, found {_type_name(data)}")
+            raise ConfigError(f"{self.here()}: expected a table, found {type_name(data)}")
         self.data = data
         self._taken: set[str] = set()
 
@@ -259,7 +259,7 @@ class _Table:
         if value is None:
             return None
         if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            raise ConfigError(f"{self.named(key)}: expected {expected}, found {_type_name(value)}")
+            raise ConfigError(f"{self.named(key)}: expected {expected}, found {type_name(value)}")
         return value
 
     def string(self, key: str) -> str | None:
@@ -314,18 +314,6 @@ class _Table:
             raise ConfigError(f"unknown key {names}; known here: {known}")
 
 
-def _type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    return {
-        str: "a string",
-        int: "an integer",
-        float: "a float",
-        list: "an array",
-        dict: "a table",
-    }.get(type(value), f"a {type(value).__name__}")
-
-
 def _csr_subject(table: _Table, key: str) -> CsrSubject | None:
     """A `CsrSubject`: a string (the CN) or a table of names that must hold a CN."""
     table.take(key)
@@ -339,7 +327,7 @@ def _csr_subject(table: _Table, key: str) -> CsrSubject | None:
     if not isinstance(value, dict):
         raise ConfigError(
             f"{table.named(key)}: expected a common name (a string) or a subject table "
-            f'(e.g. {{ CN = "…", O = "…" }}), found {_type_name(value)}'
+            f'(e.g. {{ CN = "…", O = "…" }}), found {type_name(value)}'
         )
     subject = _Table(value, table.name(key), table.origins)
     names: dict[str, str] = {}
@@ -499,11 +487,11 @@ def _principal(entry: _Table) -> Principal:
         if not isinstance(raw, list):
             raise ConfigError(
                 f"{entry.named('idtype')}: expected an array of "
-                f"{', '.join(map(repr, ID_TYPES))}, found {_type_name(raw)}"
+                f"{', '.join(map(repr, ID_TYPES))}, found {type_name(raw)}"
             )
         for item in raw:
             if item not in ID_TYPES:
-                shown = repr(item) if isinstance(item, str) else _type_name(item)
+                shown = repr(item) if isinstance(item, str) else type_name(item)
                 raise ConfigError(
                     f"{entry.named('idtype')}: expected an array of "
                     f"{', '.join(map(repr, ID_TYPES))}, found {shown}"
@@ -541,8 +529,7 @@ def _check(top: _Table, config: IdentitydConfig) -> None:
             # the earlier one: a caller loses the identity its first entry gave. Refused here.
             first = top.origins_note(f"principal[{by_uid[p.uid]}]")
             raise ConfigError(
-                f"{here}.uid: uid {p.uid} already has a principal ({first}); one principal "
-                "per uid"
+                f"{here}.uid: uid {p.uid} already has a principal ({first}); one principal per uid"
             )
         by_uid[p.uid] = index
         if p.idtype is None:
@@ -601,7 +588,7 @@ def _parse(data: dict[str, Any], origins: _Origins) -> IdentitydConfig:
     if not isinstance(raw_principals, list):
         raise ConfigError(
             f"{top.named('principal')}: expected an array of tables ([[principal]]), "
-            f"found {_type_name(raw_principals)}"
+            f"found {type_name(raw_principals)}"
         )
     principals = [
         _principal(_Table(raw, f"principal[{index}]", origins))

@@ -38,6 +38,19 @@ class ServicePaths:
         )
 
 
+def type_name(value: Any) -> str:
+    """A TOML value's kind as config errors name it ("found an integer")."""
+    if isinstance(value, bool):
+        return "a boolean"
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a float",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), f"a {type(value).__name__}")
+
+
 def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overlay.items():

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from .loader import ConfigError, ServicePaths, load_merged
+from .loader import ConfigError, ServicePaths, load_merged, type_name
 
 DEFAULT_TCTI = "device"
 DEFAULT_AUTH_KEY_INDEX = 0x00_01_00
@@ -46,24 +46,12 @@ class TpmdConfig:
         return PERSISTENT_OBJECT_BASE + self.auth_key_index
 
 
-def _type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    return {
-        str: "a string",
-        int: "an integer",
-        float: "a float",
-        list: "an array",
-        dict: "a table",
-    }.get(type(value), type(value).__name__)
-
-
 def _get(table: dict[str, Any], where: str, key: str, kind: type, expected: str) -> Any:
     value = table.get(key)
     if value is None:
         return None
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-        raise ConfigError(f"{where}{key}: expected {expected}, found {_type_name(value)}")
+        raise ConfigError(f"{where}{key}: expected {expected}, found {type_name(value)}")
     return value
 
 
