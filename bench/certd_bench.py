@@ -21,12 +21,9 @@ Run: .venv/bin/python bench/certd_bench.py [--seconds 3]
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import selectors
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography import x509  # noqa: E402
 
-from bench.load import Figures, _complete  # noqa: E402
+from bench import load  # noqa: E402
+from bench.load import Figures  # noqa: E402
 from tests import rawhttp  # noqa: E402
 from tests.certd_world import KeydEcKey, certs_of, make_csr  # noqa: E402
 from tests.daemon import API_VERSIONS, Daemon, keyd_config  # noqa: E402
@@ -98,69 +96,11 @@ def run(
     seconds: float,
     warmup: float = 0.3,
 ) -> tuple[Figures, Counter[int]]:
-    """bench/load.py's closed loop, sending `requests` in turn across all connections and
-    counting every answer whose status is not `expected` (statuses by count, for the report)."""
-    selector = selectors.DefaultSelector()
-    state: dict[socket.socket, list] = {}
-    turn = itertools.cycle(requests)
-
-    def send(sock: socket.socket) -> None:
-        state[sock][1] = time.perf_counter()
-        sock.sendall(next(turn))  # small requests: the socket buffer takes them whole
-
-    def open_connection() -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        selector.register(sock, selectors.EVENT_READ)
-        state[sock] = [b"", 0.0]
-        sock.setblocking(False)
-        send(sock)
-
-    for _ in range(connections):
-        open_connection()
-    latencies: list[float] = []
+    """bench/load.py's closed loop, sending `requests` in turn across all connections; the
+    statuses by count, for the report."""
     statuses: Counter[int] = Counter()
-    reconnects = 0
-    measure_from = time.perf_counter() + warmup
-    stop = measure_from + seconds
-    while time.perf_counter() < stop:
-        for key, _ in selector.select(timeout=0.5):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            try:
-                data = sock.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            if not data:  # the server closed it: reconnect, count it
-                selector.unregister(sock)
-                del state[sock]
-                sock.close()
-                reconnects += 1
-                open_connection()
-                continue
-            entry = state[sock]
-            entry[0] += data
-            done = _complete(entry[0])
-            if done is None:
-                continue
-            status, total = done
-            finished = time.perf_counter()
-            if finished >= measure_from:
-                latencies.append(finished - entry[1])
-                statuses[status] += 1
-            entry[0] = entry[0][total:]
-            send(sock)
-    for sock in state:
-        sock.close()
-    latencies.sort()
-    count = len(latencies)
-    figures = Figures(
-        requests=count,
-        errors=count - statuses[expected],
-        seconds=seconds,
-        p50_ms=latencies[count // 2] * 1000 if count else 0.0,
-        p99_ms=latencies[int(count * 0.99)] * 1000 if count else 0.0,
-        reconnects=reconnects,
+    figures = load.run(
+        path, requests, connections, seconds, warmup, expected=expected, statuses=statuses
     )
     return figures, statuses
 

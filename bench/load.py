@@ -3,9 +3,12 @@ sending its next request as soon as the previous answer is complete."""
 
 from __future__ import annotations
 
+import itertools
 import selectors
 import socket
 import time
+from collections import Counter
+from collections.abc import Sequence
 
 import attrs
 
@@ -47,18 +50,32 @@ def _complete(buffer: bytes) -> tuple[int, int] | None:
 
 
 def run(
-    path: str, request: bytes, connections: int, seconds: float, warmup: float = 0.3
+    path: str,
+    request: bytes | Sequence[bytes],
+    connections: int,
+    seconds: float,
+    warmup: float = 0.3,
+    *,
+    expected: int = 200,
+    statuses: Counter[int] | None = None,
 ) -> Figures:
+    """`request`, or several sent in turn across all connections; an answer whose status is
+    not `expected` is an error, and `statuses` (when given) counts every status measured."""
     selector = selectors.DefaultSelector()
     state: dict[socket.socket, list] = {}
+    turn = itertools.cycle([request] if isinstance(request, bytes) else request)
+
+    def send(sock: socket.socket) -> None:
+        state[sock][1] = time.perf_counter()
+        sock.sendall(next(turn))  # small requests: the socket buffer takes them whole
 
     def open_connection() -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)
-        sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ)
-        state[sock] = [b"", time.perf_counter()]
-        sock.send(request)
+        state[sock] = [b"", 0.0]
+        sock.setblocking(False)
+        send(sock)
 
     for _ in range(connections):
         open_connection()
@@ -93,10 +110,11 @@ def run(
             finished = time.perf_counter()
             if finished >= measure_from:
                 latencies.append(finished - entry[1])
-                errors += status != 200
+                errors += status != expected
+                if statuses is not None:
+                    statuses[status] += 1
             entry[0] = entry[0][total:]
-            entry[1] = time.perf_counter()
-            sock.send(request)
+            send(sock)
     for sock in state:
         sock.close()
     latencies.sort()
