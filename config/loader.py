@@ -37,6 +37,17 @@ class ServicePaths:
             Path(environ.get(f"AZIOT_{upper}_CONFIG_DIR", f"/etc/aziot/{name}/config.d")),
         )
 
+    def configured(self) -> bool:
+        """The base file exists, or a `*.toml` drop-in does."""
+        if self.config_file.is_file():
+            return True
+        try:
+            return any(
+                path.suffix == ".toml" and path.is_file() for path in self.config_dir.iterdir()
+            )
+        except OSError:
+            return False
+
 
 def type_name(value: Any) -> str:
     """A TOML value's kind as config errors name it ("found an integer")."""

@@ -117,10 +117,11 @@ class Daemon:
 
     def environ(self) -> dict[str, str]:
         environ = dict(os.environ)
-        # Only the services given: a developer's own AZIOT_CERTD_CONFIG must not add one.
+        # Only the services given: a developer's own AZIOT_CERTD_CONFIG, or an installed
+        # /etc/aziot/certd/config.d, must not add one.
         for name in API_VERSIONS:
-            environ.pop(f"AZIOT_{name.upper()}_CONFIG", None)
-            environ.pop(f"AZIOT_{name.upper()}_CONFIG_DIR", None)
+            environ[f"AZIOT_{name.upper()}_CONFIG"] = str(self.root / "absent" / name)
+            environ[f"AZIOT_{name.upper()}_CONFIG_DIR"] = str(self.root / "absent" / name)
         for name, service in self.services.items():
             environ[f"AZIOT_{name.upper()}_CONFIG"] = str(service.config)
             environ[f"AZIOT_{name.upper()}_CONFIG_DIR"] = str(service.config_dir)

@@ -49,13 +49,19 @@ SERVICES: dict[str, Builder] = {
 def configured_services(
     bus: Bus, faults: Faults, environ: dict[str, str] | None = None
 ) -> list[Service]:
-    """Every service whose config file exists; the others are not started."""
+    """Every service with a config: its base file, or a drop-in in its `config.d` (all that
+    `aziotctl config apply` writes is `config.d/00-super.toml`); the others are not started."""
     environ = dict(os.environ) if environ is None else environ
     services = []
     for name, build in SERVICES.items():
         paths = ServicePaths.from_env(name, environ)
-        if not paths.config_file.is_file():
-            log.info("%s: no config at %s; not starting it", name, paths.config_file)
+        if not paths.configured():
+            log.info(
+                "%s: no config at %s nor in %s; not starting it",
+                name,
+                paths.config_file,
+                paths.config_dir,
+            )
             continue
         services.append(build(paths, bus, faults, environ))
     return services
