@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from tests.daemon import Keyd
-from tests.swtpm import Swtpm, swtpm_available
+from tests.swtpm import Swtpm, Tabrmd, swtpm_available, tabrmd_available
 from tests.test_keyd import ec_public_key, handle_of, sign
 
 TPM2_PKCS11_LIB = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so"
@@ -68,8 +68,10 @@ class TpmToken:
 
     @property
     def keyd_env(self) -> dict[str, str]:
-        """What the library reads: the store and its own TCTI variable."""
-        return {name: self.env[name] for name in ("TPM2_PKCS11_STORE", "TPM2_PKCS11_TCTI")}
+        """What the library reads: the store and its own TCTI variable (and the D-Bus session
+        bus, when the TCTI is the resource manager's)."""
+        names = ("TPM2_PKCS11_STORE", "TPM2_PKCS11_TCTI", "DBUS_SESSION_BUS_ADDRESS")
+        return {name: self.env[name] for name in names if name in self.env}
 
     @property
     def keyd_config(self) -> str:
@@ -95,10 +97,13 @@ class TpmToken:
         self.run("tpm2_flushcontext", "-t")
 
 
-def make_tpm_token(swtpm: Swtpm, store: Path, label: str, pin: str, so_pin: str) -> TpmToken:
+def make_tpm_token(
+    swtpm: Swtpm | Tabrmd, store: Path, label: str, pin: str, so_pin: str
+) -> TpmToken:
     store.mkdir(parents=True)
     env = dict(
         os.environ,
+        **(swtpm.env if isinstance(swtpm, Tabrmd) else {}),
         TPM2TOOLS_TCTI=swtpm.tcti,  # tpm2_ptool runs tpm2-tools, which read this
         TPM2_PKCS11_TCTI=swtpm.tcti,  # the library reads only this one
         TPM2_PKCS11_STORE=str(store),
@@ -193,26 +198,72 @@ def test_an_ec_key_pair_in_the_tpm_signs_through_keyd(world_dir, token, keyd_on)
     assert objects.count("CKA_LABEL: tpm-key") == 2 and "CKO_PRIVATE_KEY" in objects, objects
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="tpm2-pkcs11 1.9 has no C_CopyObject, keyd's commit step for token writes, and "
-    "refuses keyd's EC template (CKA_ENCRYPT/CKA_DECRYPT false)",
-)
-def test_keyd_creates_a_key_pair_on_the_tpm_token(world_dir, token, keyd_on) -> None:
+@pytest.fixture
+def managed_token(swtpm: Swtpm, world_dir: Path) -> Iterator[TpmToken]:
+    """The token on swtpm behind a resource manager (tpm2-abrmd), as on a device's /dev/tpmrm0."""
+    if not tabrmd_available():
+        pytest.skip("tpm2-abrmd, libtss2-tcti-tabrmd0 or dbus-daemon is not installed")
+    with Tabrmd(swtpm, world_dir / "tabrmd") as manager:
+        yield make_tpm_token(manager, world_dir / "tpm2-pkcs11", "keyd-tpm", "1234", "5678")
+
+
+def test_keyd_creates_a_key_pair_on_the_tpm_token(world_dir, managed_token, keyd_on) -> None:
+    token = managed_token
     keyd = start_keyd(world_dir, token, keyd_on)
     reply = keyd.call("POST", "/keypair", {"keyId": "new-key", "preferredAlgorithms": "ec-p256"})
-    try:
-        handle = handle_of(reply)
-    finally:
-        keyd.stop()
-        token.flush_transients()
-        # Whatever the attempt did, it left nothing on the token.
-        assert token.pkcs11_tool("--list-objects").strip() == ""
-    keyd.start()
+    handle = handle_of(reply)
+    logs = keyd.logs()
+    # tpm2-pkcs11 1.9 has no C_CopyObject: the write committed by relabelling its staged pair.
+    assert "has no C_CopyObject (CKR_FUNCTION_NOT_SUPPORTED)" in logs, logs
+    # ... and refused keyd's EC template once, then took it without CKA_ENCRYPT/CKA_VERIFY.
+    assert "refused keyd's EC template for 'new-key' (CKR_GENERAL_ERROR" in logs, logs
+    assert "generated ec-p256 key pair 'new-key'" in logs, logs
+    public = ec_public_key(keyd, handle)
+    assert isinstance(public.curve, ec.SECP256R1)
     digest = hashlib.sha256(b"registration").digest()
-    ec_public_key(keyd, handle).verify(
+    public.verify(
         sign(keyd, handle, "ECDSA", digest=digest),
         digest,
         ec.ECDSA(utils.Prehashed(hashes.SHA256())),
     )
+
+    # The token, seen by other tools: one key pair under its label, nothing staged left.
+    exported = world_dir / "new-key.der"
+    token.pkcs11_tool(
+        "--read-object", "--type", "pubkey", "--label", "new-key", "--output-file", str(exported)
+    )
+    token_public = serialization.load_der_public_key(exported.read_bytes())
+    assert isinstance(token_public, ec.EllipticCurvePublicKey)
+    assert token_public.public_numbers() == public.public_numbers()
+    listed = token.pkcs11_tool("--list-objects")
+    assert token_objects(token) == [
+        "Public Key Object; EC  EC_POINT 256 bits",
+        "Private Key Object; EC",
+    ], listed
+    assert listed.count("label:      new-key") == 2, listed
+    assert "aziot-pending" not in listed
+    # Made in the TPM, never to leave it, and allowed to sign but not to decrypt.
+    assert "sensitive, always sensitive, never extractable, local" in listed, listed
+    private_usage = listed.split("Private Key Object; EC")[1]
+    assert "Usage:      sign" in private_usage and "decrypt" not in private_usage, listed
+    objects = token.run("tpm2_ptool", "listobjects", "--label", token.label)
+    assert objects.count("CKA_LABEL: new-key") == 2 and "CKO_PRIVATE_KEY" in objects, objects
+
+    # A second key pair on the same token goes straight to the template it takes, and
+    # creating an existing key id again returns the same key.
+    again = keyd.call("POST", "/keypair", {"keyId": "new-key", "preferredAlgorithms": "ec-p256"})
+    assert ec_public_key(keyd, handle_of(again)).public_numbers() == public.public_numbers()
+    other = handle_of(
+        keyd.call("POST", "/keypair", {"keyId": "other-key", "preferredAlgorithms": "ec-p256"})
+    )
+    assert ec_public_key(keyd, other).public_numbers() != public.public_numbers()
+    assert keyd.logs().count("refused keyd's EC template") == 1
+
+    keyd.restart()  # the key survives aziotd's restart: the same handle signs with it
+    digest = hashlib.sha256(b"after restart").digest()
+    public.verify(
+        sign(keyd, handle, "ECDSA", digest=digest),
+        digest,
+        ec.ECDSA(utils.Prehashed(hashes.SHA256())),
+    )
+    assert "repaired" not in keyd.logs()

@@ -184,6 +184,13 @@ _RECONNECT_ERRORS: tuple[type[Exception], ...] = (
     p11x.KeyHandleInvalid,
 )
 
+# What a token answers to a key template it will not make (tpm2-pkcs11 1.9: CKR_GENERAL_ERROR).
+_TEMPLATE_REFUSALS: tuple[type[Exception], ...] = (
+    p11x.GeneralError,
+    p11x.TemplateInconsistent,
+    p11x.AttributeValueInvalid,
+)
+
 _PIN_ERRORS: tuple[type[Exception], ...] = (
     p11x.PinIncorrect,
     p11x.PinInvalid,
@@ -345,6 +352,12 @@ class _SlotState:
     session: Any  # pkcs11.Session; typed loosely because the Cython class has no stub
     mechanisms: frozenset[int] | None  # None: the token would not list them
     logged_in: bool
+    # Whether the library implements C_CopyObject: a write then commits by copying its staged
+    # objects, else by relabelling them (see the module doc).
+    copies: bool = True
+    # EC key pairs must be generated with the token's coupled capabilities (TPM: sign=encrypt,
+    # verify=decrypt); learnt from the token's refusal of keyd's own template.
+    coupled_ec_capabilities: bool = False
     # Found key objects by (class, label): a C_FindObjects per call would cost more than the
     # signature. Dropped on every change we make; a change made by another application shows
     # up as an invalid handle, after which the session is reopened and the search redone.
@@ -391,6 +404,10 @@ class Pkcs11Library:
         self._rejected_pins: dict[int, tuple[str, str]] = {}
         # Slots whose leftovers of interrupted writes were reconciled (once, at first login).
         self._reconciled: set[int] = set()
+        # Whether the module implements C_CopyObject; probed at the first session.
+        self._copy_object: bool | None = None
+        # Slots whose tokens refused keyd's EC template for the TPM's coupled capabilities.
+        self._coupled_ec_slots: set[int] = set()
         # Called with a step name between the token writes of one key write; tests stop a
         # write there, as a kill would.
         self.on_step: Callable[[str], None] | None = None
@@ -721,7 +738,15 @@ class Pkcs11Library:
         if slot_id not in self._mechanisms:
             self._mechanisms[slot_id] = self._probe_mechanisms(token.slot, where)
         logged_in = uri.pin is not None
-        state = _SlotState(slot_id, label, session, self._mechanisms[slot_id], logged_in)
+        state = _SlotState(
+            slot_id,
+            label,
+            session,
+            self._mechanisms[slot_id],
+            logged_in,
+            copies=self._copies_objects(),
+            coupled_ec_capabilities=slot_id in self._coupled_ec_slots,
+        )
         self._sessions[slot_id] = state
         self._remember_token_label(uri, slot_id)
         log.info("opened a session on %s (%s)", where, "logged in" if logged_in else "no PIN")
@@ -748,6 +773,18 @@ class Pkcs11Library:
             raise TokenUnavailable(
                 f"{what} failed: {_describe_error(exc)}", ckr=ckr_name(exc)
             ) from exc
+
+    def _copies_objects(self) -> bool:
+        if self._copy_object is None:
+            self._copy_object = _probe_copy_object(self._path)
+            if not self._copy_object:
+                log.info(
+                    "PKCS#11 library %s has no C_CopyObject (CKR_FUNCTION_NOT_SUPPORTED): "
+                    "key writes on its tokens commit by relabelling the staged objects, and "
+                    "writes that replace a key (a move, a secret import over a key) are refused",
+                    self._path,
+                )
+        return self._copy_object
 
     def _probe_mechanisms(self, slot: Any, where: str) -> frozenset[int] | None:
         try:
@@ -990,7 +1027,7 @@ class Pkcs11Library:
                 continue
 
             def stage(pending: str, key_id: bytes, spec: _PairSpec = spec) -> None:
-                self._generate_pair_objects(state, pending, key_id, spec)
+                self._generate_pair(state, label, pending, key_id, spec)
 
             try:
                 self._write(state, "pair", label, stage)
@@ -1006,9 +1043,36 @@ class Pkcs11Library:
             f"algorithm: {'; '.join(failures)}"
         )
 
+    def _generate_pair(
+        self, state: _SlotState, label: str, pending: str, key_id: bytes, spec: _PairSpec
+    ) -> None:
+        """Generate the staged pair; an EC template the token refuses is retried once with the
+        token's own coupled capabilities (tpm2-pkcs11 makes a TPM key's CKA_ENCRYPT follow
+        CKA_SIGN and CKA_VERIFY follow CKA_DECRYPT and refuses a template that says otherwise,
+        with CKR_GENERAL_ERROR in 1.9). The private half still has CKA_DECRYPT false."""
+        if spec.key_type != KeyType.EC or not state.coupled_ec_capabilities:
+            try:
+                self._generate_pair_objects(state, pending, key_id, spec)
+                return
+            except _TEMPLATE_REFUSALS as exc:
+                if spec.key_type != KeyType.EC:
+                    raise
+                log.warning(
+                    "%s refused keyd's EC template for %r (%s); generating it again without "
+                    "CKA_ENCRYPT and CKA_VERIFY on the public key, which the token then sets "
+                    "from the private key's CKA_SIGN and CKA_DECRYPT",
+                    state.describe(),
+                    label,
+                    _describe_error(exc),
+                )
+        self._generate_pair_objects(state, pending, key_id, spec, coupled=True)
+        if not state.coupled_ec_capabilities:
+            state.coupled_ec_capabilities = True
+            self._coupled_ec_slots.add(state.slot_id)
+
     @staticmethod
     def _generate_pair_objects(
-        state: _SlotState, label: str, key_id: bytes, spec: _PairSpec
+        state: _SlotState, label: str, key_id: bytes, spec: _PairSpec, *, coupled: bool = False
     ) -> None:
         is_rsa = spec.key_type == KeyType.RSA
         public: dict[Attribute, Any] = {
@@ -1032,6 +1096,11 @@ class Pkcs11Library:
         }
         if spec.ec_params is not None:
             public[Attribute.EC_PARAMS] = spec.ec_params
+        if coupled:
+            # Left out of the template altogether (python-pkcs11 would otherwise fill them in
+            # from the capabilities).
+            public[Attribute.ENCRYPT] = pkcs11.DEFAULT
+            public[Attribute.VERIFY] = pkcs11.DEFAULT
         if is_rsa:
             public[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
         state.session.generate_keypair(
@@ -1215,15 +1284,21 @@ class Pkcs11Library:
         the write replaced. On an error nothing of the write stays (best effort)."""
         pending = _pending_label(kind, label, source)
         key_id = secrets.token_bytes(16)
+        if not state.copies:
+            self._refuse_replacing_without_copy(state, kind, label)
         try:
             stage(pending, key_id)
             self._step(f"{kind}: staged")
             staged = self._find_by(state, label=pending, key_id=key_id)
-            # The private (or secret) key last: its copy is the commit point.
+            # The private (or secret) key last: its copy (or relabel) is the commit point.
             staged.sort(key=lambda obj: obj[Attribute.CLASS] != ObjectClass.PUBLIC_KEY)
             for obj in staged:
-                obj.copy({Attribute.LABEL: label})
-                self._step(f"{kind}: committed a copy")
+                if state.copies:
+                    obj.copy({Attribute.LABEL: label})
+                    self._step(f"{kind}: committed a copy")
+                else:
+                    obj[Attribute.LABEL] = label
+                    self._step(f"{kind}: committed a relabel")
         except Exception:
             try:
                 self._undo(state, pending, label, key_id)
@@ -1235,6 +1310,25 @@ class Pkcs11Library:
                 )
             raise
         return self._finish(state, kind, label, source, pending, key_id)
+
+    def _refuse_replacing_without_copy(
+        self, state: _SlotState, kind: _WriteKind, label: str
+    ) -> None:
+        """Without C_CopyObject a write commits by relabelling, which is crash-safe only when
+        nothing is under the label yet (see the module doc); anything else is refused here,
+        before the token is touched."""
+        why = "its PKCS#11 library has no C_CopyObject, which keyd needs to replace a key safely"
+        if kind == "move":
+            raise Pkcs11Error(f"{state.describe()} cannot move key pairs: {why}")
+        if kind == "secret":
+            old = self._find_by(state, label=label, cls=ObjectClass.SECRET_KEY)
+        else:
+            old = self._pair_objects(state, label)
+        if old:
+            raise Pkcs11Error(
+                f"{state.describe()} cannot replace the {len(old)} object(s) labelled "
+                f"{label!r}: {why}"
+            )
 
     def _finish(
         self,
@@ -1453,6 +1547,35 @@ def _object_id(obj: Any) -> bytes:
         return bytes(obj[Attribute.ID])
     except pkcs11.PKCS11Error:
         return b""
+
+
+_CKR_FUNCTION_NOT_SUPPORTED = 0x54
+
+
+def _probe_copy_object(lib_path: str) -> bool:
+    """Whether the module at `lib_path` implements C_CopyObject.
+
+    python-pkcs11 does not say, so the module's own C_CopyObject is called with no session and
+    no object (both CK_INVALID_HANDLE): nothing can be copied, and a module that has the
+    function answers about the handles (SoftHSM: CKR_SESSION_HANDLE_INVALID) while one that
+    lacks it answers CKR_FUNCTION_NOT_SUPPORTED (tpm2-pkcs11 1.9). The module is the one
+    python-pkcs11 loaded (dlopen of the same path), so it is already initialized.
+    """
+    try:
+        function = ctypes.CDLL(lib_path).C_CopyObject
+    except (OSError, AttributeError):
+        return True  # not exported by name: assume it is there, as before
+    function.restype = ctypes.c_ulong
+    function.argtypes = [
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+        ctypes.c_ulong,
+        ctypes.POINTER(ctypes.c_ulong),
+    ]
+    new_object = ctypes.c_ulong(0)
+    rv = function(0, 0, None, 0, ctypes.byref(new_object))
+    return bool(rv != _CKR_FUNCTION_NOT_SUPPORTED)
 
 
 def _pin_digest(pin: str) -> str:
