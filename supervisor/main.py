@@ -1,7 +1,9 @@
 """`aziotd`: start every configured service in one process and keep it running.
 
-Signals: TERM/INT stop accepting, let in-flight requests finish (bounded), exit 0; HUP reloads
-each service's principals from its config files.
+Signals: TERM/INT stop accepting, let in-flight requests finish (bounded), exit 0; HUP applies
+the runtime log level file (`aziotctl system set-log-level` writes it) and reloads each service's
+principals from its config files. Once ready, the pid goes to `aziotd.pid` beside the sockets,
+which is how `aziotctl system` finds the daemon where there is no systemd.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import trio
 
@@ -21,8 +24,10 @@ from aziot.bus.faults import POINTS, Faults
 from aziot.bus.logtext import loggable
 from aziot.config.loader import ConfigError
 
-from . import systemd
+from . import log_levels, systemd
+from .log_levels import LogLevels
 from .services import Service, configured_services
+from .services.service import DEFAULT_SOCKET_DIR
 from .supervise import RestartLimitExceeded, RestartPolicy, supervise
 from .version import package_version
 
@@ -31,6 +36,8 @@ log = logging.getLogger("aziotd")
 EXIT_CONFIG = 78  # EX_CONFIG: systemd shows it as a configuration problem
 EXIT_CRASHED = 70  # EX_SOFTWARE
 MAX_LOG_MESSAGE = 4096  # characters of one log message; the rest is counted, not written
+PID_FILE = "aziotd.pid"  # in the socket dir
+LOG_LEVEL_FILE = "aziotd.log-level"  # in the socket dir; read on SIGHUP
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,8 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "(default /etc/aziot/certd/config.toml), AZIOT_CERTD_CONFIG_DIR (default "
             "/etc/aziot/certd/config.d), AZIOT_IDENTITYD_CONFIG (default "
             "/etc/aziot/identityd/config.toml), AZIOT_IDENTITYD_CONFIG_DIR, AZIOT_SOCKET_DIR "
-            "(default /run/aziot), AZIOT_LOG_LEVEL (error, warn, info, debug), AZIOTD_FAULTS "
-            "(fault injection rules, see --list-fault-points)."
+            "(default /run/aziot), AZIOT_LOG (the original's: a level, or directives such as "
+            "aziot=debug or info,aziot_keyd=trace), AZIOT_LOG_LEVEL (same syntax), AZIOTD_FAULTS "
+            "(fault injection rules, see --list-fault-points). Log level precedence: --log-level, "
+            "then AZIOT_LOG_LEVEL, then AZIOT_LOG, then info. On SIGHUP the level in "
+            "<socket dir>/aziotd.log-level (written by `aziotctl system set-log-level`), if that "
+            "file exists, replaces it; a restart goes back to the environment's. Once ready the "
+            "pid is written to <socket dir>/aziotd.pid, removed at stop."
         ),
     )
     parser.add_argument("--version", action="version", version=f"aziotd {package_version()}")
@@ -58,7 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print the fault-injection points and the AZIOTD_FAULTS syntax, then exit",
     )
-    parser.add_argument("--log-level", help="overrides AZIOT_LOG_LEVEL")
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="error, warn, info, debug, trace, or AZIOT_LOG-style directives; overrides "
+        "AZIOT_LOG_LEVEL and AZIOT_LOG",
+    )
     return parser.parse_args(argv)
 
 
@@ -71,18 +88,81 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def setup_logging(level_name: str) -> None:
-    levels = {
-        "error": logging.ERROR,
-        "warn": logging.WARNING,
-        "warning": logging.WARNING,
-        "info": logging.INFO,
-        "debug": logging.DEBUG,
-        "trace": logging.DEBUG,
-    }
+def setup_logging(levels: LogLevels) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
-    logging.basicConfig(level=levels.get(level_name.lower(), logging.INFO), handlers=[handler])
+    logging.basicConfig(handlers=[handler])
+    levels.apply()
+    for warning in levels.warnings:
+        log.warning("%s", warning)
+
+
+def socket_dir(environ: dict[str, str]) -> Path:
+    """Where the sockets go without [endpoints], and the pid and log level files with them."""
+    return Path(environ.get("AZIOT_SOCKET_DIR", DEFAULT_SOCKET_DIR))
+
+
+def write_pid_file(path: Path) -> bool:
+    """Our pid in `path`, atomically: a reader sees the old file or the whole new one."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        temp.write_text(f"{os.getpid()}\n")
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except OSError as error:  # aziotctl then cannot find us without systemd; serving goes on
+        log.warning("could not write the pid file %s: %s", path, error)
+        temp.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def remove_pid_file(path: Path) -> None:
+    """Remove `path` if it still names us: a newer aziotd may have replaced it."""
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except (OSError, UnicodeDecodeError):
+        pass
+
+
+def clear_runtime_log_level(path: Path) -> None:
+    """A level file left by an earlier aziotd was meant for that process: at start the
+    environment's level holds, and only a file written for us is applied on SIGHUP."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not remove the stale log level file %s: %s", path, error)
+
+
+def apply_runtime_log_level(path: Path, current: LogLevels) -> LogLevels:
+    """The levels in `path` if it exists (applied, with one line old → new), else `current`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return current
+    except (OSError, UnicodeDecodeError) as error:
+        log.warning(
+            "could not read the log level file %s, keeping %s: %s", path, current.text, error
+        )
+        return current
+    new = log_levels.parse(text, str(path))
+    for warning in new.warnings:
+        log.warning("%s", warning)
+    if new == current:
+        log.info("log level stays %s", current.text)
+        return current
+    message = f"log level {current.text} → {new.text} (from {path})"
+    # Said at info by whichever of the two levels lets it through.
+    if new.level_of(log.name) > logging.INFO:
+        log.info("%s", message)
+        new.apply(current)
+    else:
+        new.apply(current)
+        log.info("%s", message)
+    return new
 
 
 def print_fault_points() -> None:
@@ -93,8 +173,12 @@ def print_fault_points() -> None:
     print("  AZIOTD_FAULTS='bus.deliver.keys=crash*1; store.fsync=delay=0.5@0.1'")
 
 
-async def run_daemon(bus: Bus, services: list[Service], faults: Faults, launched: float) -> None:
+async def run_daemon(
+    bus: Bus, services: list[Service], faults: Faults, launched: float, levels: LogLevels
+) -> None:
     shutdown = trio.Event()
+    run_dir = socket_dir(dict(os.environ))
+    clear_runtime_log_level(run_dir / LOG_LEVEL_FILE)
     activated = systemd.listen_fds()
     policy = RestartPolicy()
     async with trio.open_nursery() as actors:
@@ -136,16 +220,30 @@ async def run_daemon(bus: Bus, services: list[Service], faults: Faults, launched
                 (time.monotonic() - launched) * 1000,
                 ", ".join(s.name for s in services),
             )
-            await handle_signals(bus, services, shutdown)
+            pid_file = run_dir / PID_FILE
+            write_pid_file(pid_file)
+            try:
+                await handle_signals(bus, services, shutdown, run_dir / LOG_LEVEL_FILE, levels)
+            finally:
+                remove_pid_file(pid_file)
         actors.cancel_scope.cancel()
     log.info("stopped")
 
 
-async def handle_signals(bus: Bus, services: list[Service], shutdown: trio.Event) -> None:
+async def handle_signals(
+    bus: Bus,
+    services: list[Service],
+    shutdown: trio.Event,
+    level_file: Path,
+    levels: LogLevels,
+) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
+                # The level first, so the reload below already logs at the new one.
+                levels = apply_runtime_log_level(level_file, levels)
                 for service in services:
+                    log.debug("SIGHUP: %s reloads its config", service.name)
                     try:
                         await service.reload(bus)
                     except Exception as error:  # keep serving with what we had
@@ -177,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_fault_points:
         print_fault_points()
         return 0
-    setup_logging(args.log_level or os.environ.get("AZIOT_LOG_LEVEL", "info"))
+    levels = log_levels.choose(args.log_level, dict(os.environ))
+    setup_logging(levels)
     try:
         faults = Faults.from_spec(os.environ.get("AZIOTD_FAULTS"))
     except ValueError as error:
@@ -196,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_CONFIG
     try:
-        trio.run(run_daemon, bus, services, faults, launched)
+        trio.run(run_daemon, bus, services, faults, launched, levels)
     except BaseExceptionGroup as group:
         misconfigured = first_leaf(group, (ConfigError,))
         if misconfigured is not None:
