@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import pwd
 import socket
@@ -514,6 +515,9 @@ def write_all(files: list[PlannedFile], directories: list[tuple[Path, Owner | No
         for path, owner, mode in directories:
             _make_dir(path, owner, mode, made)
         for planned in files:
+            if planned.path.is_dir():
+                # os.replace would fail only after the others were renamed: refuse it now.
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(planned.path))
             fd, temp = tempfile.mkstemp(dir=planned.path.parent, prefix=f".{planned.path.name}.")
             staged.append((Path(temp), planned))
             with os.fdopen(fd, "wb") as file:

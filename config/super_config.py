@@ -651,7 +651,7 @@ def parse_super_config(data: dict[str, Any], source: Source) -> SuperConfig:
             "parent_hostname", "is another name for local_gateway_hostname; set only one"
         )
     gateway = top.string("local_gateway_hostname") or top.string("parent_hostname")
-    timeout = top.integer("cloud_timeout_sec", DEFAULT_CLOUD_TIMEOUT_SEC, U64_MAX)
+    timeout = top.integer("cloud_timeout_sec", DEFAULT_CLOUD_TIMEOUT_SEC)
     retries = top.integer("cloud_retries", 0, U32_MAX)
     max_requests_table = top.table("aziot_max_requests")
     max_requests = (
