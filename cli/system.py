@@ -297,12 +297,12 @@ def show_command_error(result: subprocess.CompletedProcess[str]) -> None:
 def systemctl_each(verb: str, units: list[str], out: TextIO) -> list[str]:
     """`systemctl <verb> <unit>` for each unit in turn, as the original prints it; the failed."""
     failed = []
-    past = {"start": "Started!", "stop": "Stopped!"}[verb]
+    doing, done = {"start": ("Starting", "Started!"), "stop": ("Stopping", "Stopped!")}[verb]
     for unit in units:
-        print(f"{verb.capitalize()}ing {unit}...", end="", file=out, flush=True)
+        print(f"{doing} {unit}...", end="", file=out, flush=True)
         result = systemctl(verb, unit)
         if result.returncode == 0:
-            print(past, file=out)
+            print(done, file=out)
         else:
             print(file=out, flush=True)
             show_command_error(result)
@@ -342,39 +342,40 @@ def journal_tail(unit: str, out: TextIO) -> None:
     print(file=out)
 
 
+def status_row(service: str, socket: str) -> str:
+    """The original's table entry for one service: aziotd's unit state with that service's
+    socket's. A socket that is down is shown even while aziotd waits for its first connection
+    (the original shows `Ready` then, though nothing can connect)."""
+    if service not in ("active", "inactive"):
+        return f"Down - {service}"
+    if socket != "active":
+        return "Down - socket error"
+    return "Running" if service == "active" else "Ready"  # inactive: socket-activated
+
+
 def systemd_status(out: TextIO) -> int:
     service = unit_state(SERVICE_UNIT)
     sockets = {name: unit_state(unit) for name, unit in SOCKET_UNITS.items()}
     print("System services:", file=out)
     down = []
     for name in SERVICES:
-        # The original's rows: each service with its socket; here they share one process.
-        if service == "active" and sockets[name] != "active":
-            shown = "Down - socket error"
-        elif service == "active":
-            shown = "Running"
-        elif service == "inactive":
-            shown = "Ready"  # socket-activated: starts at the first connection
-        else:
-            shown = f"Down - {service}"
+        shown = status_row(service, sockets[name])
         if shown.startswith("Down"):
-            down.append(name)
+            down.append(f"aziot-{name}")
         print(f"    {'aziot-' + name:24}{shown}", file=out)
     print(file=out)
     if service not in ("active", "inactive"):
         print(f"{SERVICE_UNIT}: Down - {service}: Printing the last 10 log lines.", file=out)
         journal_tail(SERVICE_UNIT, out)
     for name, state in sockets.items():
-        if state != "active" and (service != "inactive" or state != "inactive"):
+        if state != "active":
             shown = "Down - inactive" if state == "inactive" else f"Down - {state}"
             print(f"{SOCKET_UNITS[name]}: {shown}: Printing the last 10 log lines.", file=out)
             journal_tail(SOCKET_UNITS[name], out)
     print("Use 'aziotctl system logs' to check for non-fatal errors.", file=out)
     print("Use 'aziotctl check' to diagnose connectivity and configuration issues.", file=out)
     if down:
-        raise Failure(
-            f"{', '.join('aziot-' + name for name in down)} down; see the log lines above"
-        )
+        raise Failure(f"{', '.join(down)} down; see the log lines above")
     return 0
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from aziot.cli import uds
 from aziot.cli.layout import Layout
-from aziot.cli.system import restart_services, write_log_level_dropin
+from aziot.cli.system import restart_services, status_row, write_log_level_dropin
 from aziot.supervisor.log_levels import parse
 from mockcloud.cloud import Cloud
 from tests.daemon import MINIMAL_CONFIGS, Daemon
@@ -325,3 +325,11 @@ def test_uds_client_replies_and_errors(daemon: Daemon, tmp_path: Path) -> None:
         uds.request(tmp_path / "absent.sock", "GET", "/")
     assert "cannot connect: No such file or directory" in str(error.value)
     assert str(tmp_path / "absent.sock") in str(error.value)
+
+
+def test_status_rows_as_the_original_shows_them() -> None:
+    assert status_row("active", "active") == "Running"
+    assert status_row("inactive", "active") == "Ready"  # socket activation waits for a caller
+    assert status_row("active", "inactive") == "Down - socket error"
+    assert status_row("inactive", "failed") == "Down - socket error"
+    assert status_row("failed", "active") == "Down - failed"
