@@ -572,6 +572,8 @@ def plan(
 
 def apply(config_path: Path, layout: Layout, out: TextIO) -> None:
     """Read, render, check and write; raises ConfigError or ApplyError having changed nothing."""
+    # The services resolve config paths from their own working directory: write absolute ones.
+    layout = attrs.evolve(layout, root=layout.root.resolve())
     config = sc.load_super_config(config_path)
     owners = resolve_users(layout, out)
     rendered = render(

@@ -183,9 +183,11 @@ class Table:
         """Refuse every key not taken, naming the first in the file and what is known here."""
         unknown = sorted(set(self.data) - self._taken)
         if unknown:
-            names = ", ".join(self.name(key) for key in unknown)
             first = min(unknown, key=lambda key: self.source.line(self.name(key)) or 0)
+            others = [self.name(key) for key in unknown if key != first]
+            also = f" (and {', '.join(others)})" if others else ""
             raise self.source.error(
                 self.name(first),
-                f"unknown key {names}; known here: {', '.join(known) or 'none'}",
+                f"unknown key{also}, misspelt or not used here; "
+                f"known here: {', '.join(known) or 'none'}",
             )
