@@ -39,6 +39,21 @@ must survive, and a key only appears under its label complete:
 commit copy exists is finished, any other is undone, duplicates left by a copy and our keys left
 are removed; each repair is logged. (SoftHSM's own skeletons of a creation it had not finished,
 objects with its default empty label and id, carry nothing of ours and stay.)
+
+Tokens without ``C_CopyObject`` (tpm2-pkcs11 1.9 answers CKR_FUNCTION_NOT_SUPPORTED; probed once
+per library with invalid handles, see :func:`_probe_copy_object`) commit step 2 by setting each
+staged object's ``CKA_LABEL`` to the key's label instead, public half first. tpm2-pkcs11 keeps
+each object as one SQLite row (attributes and TPM blobs together) and both its INSERT and the
+UPDATE behind ``C_SetAttributeValue`` are transactions, so an object appears whole and a relabel
+is atomic. A kill at any instant then leaves: nothing of ours (before or during the generation);
+a staged pair, or one staged half (the public one inserted first); the public half under the
+label and the private one staged; or the private half under the label (committed). The start-up
+repair is the one above: no private key with the label and the write's id means "undo", which
+destroys the staged objects and any public half already relabelled; a committed write has
+nothing staged left. Relabelling cannot keep the old key until the new one takes its place (two
+private keys would share one label, with nothing to tell which is new), so on such tokens a
+write that would replace objects under the label (a move, a secret import over a secret) is
+refused before anything is written; creating a key under a free label works.
 """
 
 from __future__ import annotations
