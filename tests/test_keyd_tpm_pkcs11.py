@@ -294,6 +294,13 @@ if sys.argv[3] == "kill":
     library.on_step = stop
     library.generate_key_pair(uri, "crash-key", ["ec-p256"])
     print("finished:", "|".join(seen), flush=True)
+elif sys.argv[3] == "move":
+    for label in ("from-key", "to-key"):
+        library.generate_key_pair(uri, label, ["ec-p256"])
+    try:
+        library.move_key_pair(uri, "from-key", "to-key")
+    except Exception as error:
+        print(type(error).__name__, error)
 else:
     try:
         public = library.public_parameters(uri, "crash-key")
@@ -305,6 +312,30 @@ else:
 """
 
 
+def run_writer(token: TpmToken, *args: str) -> subprocess.CompletedProcess[str]:
+    uri = f"pkcs11:token={token.label}?pin-value={token.pin}"
+    return subprocess.run(
+        [sys.executable, "-c", _WRITER, TPM2_PKCS11_LIB, uri, *args],
+        env=token.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_move_onto_a_key_is_refused_without_c_copyobject(managed_token) -> None:
+    """Relabelling cannot keep the destination's key until the moved one replaces it, so keyd
+    refuses the move, naming why, and both key pairs stay as they were."""
+    moved = run_writer(managed_token, "move")
+    assert moved.stdout.strip() == (
+        "Pkcs11Error token 'keyd-tpm' (slot 1) cannot move key pairs: its PKCS#11 library has "
+        "no C_CopyObject, which keyd needs to replace a key safely"
+    ), moved
+    listed = managed_token.pkcs11_tool("--list-objects")
+    assert listed.count("label:      from-key") == 2 and listed.count("label:      to-key") == 2
+    assert len(token_objects(managed_token)) == 4, listed
+
+
 def test_a_key_pair_creation_killed_after_any_step_leaves_no_key_or_the_whole_key(
     managed_token,
 ) -> None:
@@ -312,16 +343,9 @@ def test_a_key_pair_creation_killed_after_any_step_leaves_no_key_or_the_whole_ke
     private half is relabelled, the next start removes every object of the write; killed
     after, the key is there whole and signs."""
     token = managed_token
-    uri = f"pkcs11:token={token.label}?pin-value={token.pin}"
 
     def writer(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-c", _WRITER, TPM2_PKCS11_LIB, uri, *args],
-            env=token.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_writer(token, *args)
 
     steps = writer("kill", "99").stdout.strip().removeprefix("finished: ").split("|")
     assert steps == [
