@@ -316,6 +316,8 @@ def test_healthy_device_passes_every_check(
     )
     device.write_configs()
     daemon = device.daemon().start()
+    assert daemon.process is not None
+    daemon_pid = daemon.process.pid
     try:
         code, document = check(device, capsys, monkeypatch, "--iothub-hostname", hub.host, ntp=ntp)
     finally:
@@ -347,6 +349,9 @@ def test_healthy_device_passes_every_check(
         "host-connect-dps-endpoint": "ignored",
     }, document
     assert code == 0
+    for check_id in ("key-pairs-read", "certs-preloaded"):
+        checked_for = document["checks"][check_id]["additional_info"]["files_checked_for"]
+        assert checked_for == f"uid 0 (root), the user aziotd (pid {daemon_pid}) runs as"
     info = document["additional_info"]
     assert {"now", "os", "dmi", "system_info"} <= set(info)
     assert (

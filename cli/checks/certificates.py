@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from cryptography import x509
 
@@ -24,8 +24,6 @@ _SEVERITY = {"ok": 0, "warning": 1, "failed": 2}
 
 
 def preloaded_path(uri: str) -> Path:
-    from urllib.parse import unquote
-
     return Path(unquote(urlsplit(uri).path))
 
 
@@ -184,6 +182,8 @@ def certs_preloaded(ctx: Context, info: dict[str, Any]) -> Outcome:
 
     for cert_id in certd.preloaded_certs:
         walk(cert_id)
+    if "certd_reader" in ctx.cache:
+        info["files_checked_for"] = ctx.cache["certd_reader"].describe()
     return _worst(outcomes)
 
 

@@ -58,6 +58,7 @@ def key_pairs_read(ctx: Context, info: dict[str, Any]) -> Outcome:
         return SKIPPED
     socket = ctx.layout.socket("keyd")
     reader = reader_for(ctx.layout, "keyd")
+    info["files_checked_for"] = reader.describe()
     certd = ctx.certd
     errors: list[str] = []
     warnings: list[str] = []
