@@ -51,7 +51,7 @@ def load_checked(paths: ServicePaths) -> CertdConfig:
 def certd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, str]) -> Service:
     config = load_checked(paths)
     keyd_paths = ServicePaths.from_env("keyd", environ)
-    if not keyd_paths.config_file.is_file():
+    if not keyd_paths.configured():
         raise ConfigError(
             f"{paths.config_file}: certd needs keyd in the same aziotd for its signatures, "
             f"but there is no keyd config at {keyd_paths.config_file}"

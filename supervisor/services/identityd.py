@@ -35,7 +35,7 @@ def check_supported(config: IdentitydConfig, source: str, environ: dict[str, str
     elif config.provisioning.source == "dps":
         attestation = kind.attestation  # type: ignore[union-attr]
         if attestation.METHOD == "tpm" and not (
-            ServicePaths.from_env("tpmd", environ).config_file.is_file()
+            ServicePaths.from_env("tpmd", environ).configured()
         ):
             raise ConfigError(
                 f"{source}: TPM attestation goes through tpmd, but tpmd is not configured in "
@@ -51,13 +51,13 @@ def check_supported(config: IdentitydConfig, source: str, environ: dict[str, str
                     raise ConfigError(
                         f"{source}: provisioning.attestation.identity_auto_renew.{key}: {error}"
                     ) from None
-    if x509 and not ServicePaths.from_env("certd", environ).config_file.is_file():
+    if x509 and not ServicePaths.from_env("certd", environ).configured():
         raise ConfigError(
             f"{source}: X.509 provisioning takes the identity cert from certd, but certd is "
             "not configured in this aziotd"
         )
     wants_local = any(p.idtype and "local" in p.idtype for p in config.principal)
-    if wants_local and not ServicePaths.from_env("certd", environ).config_file.is_file():
+    if wants_local and not ServicePaths.from_env("certd", environ).configured():
         raise ConfigError(
             f"{source}: local identities are issued by certd, but certd is not configured in "
             "this aziotd"
@@ -68,7 +68,7 @@ def identityd(paths: ServicePaths, bus: Bus, faults: Faults, environ: dict[str, 
     config = load_identityd(paths)
     check_supported(config, str(paths.config_file), environ)
     keyd_paths = ServicePaths.from_env("keyd", environ)
-    if not keyd_paths.config_file.is_file():
+    if not keyd_paths.configured():
         raise ConfigError(
             f"{paths.config_file}: identityd needs keyd in the same aziotd for its keys, "
             f"but there is no keyd config at {keyd_paths.config_file}"
