@@ -14,10 +14,11 @@ from aziot.actors.files import file_name
 from aziot.config.certd import CertdConfig
 from aziot.config.identityd import Dps, Manual, ManualX509, X509Attestation
 
+from ..uds import UdsError, request
 from .context import Context
+from .ids import CERTD_API, quote_id
 from .outcome import IGNORED, OK, SKIPPED, CheckFailed, Outcome, failed, warning
 from .readers import reader_for, unreadable
-from .uds import CERTD_API, call, quote_id
 
 EXPIRY_WARNING = datetime.timedelta(days=7)
 _SEVERITY = {"ok": 0, "warning": 1, "failed": 2}
@@ -196,19 +197,19 @@ def certs_read(ctx: Context, info: dict[str, Any]) -> Outcome:
     for cert_id in certd.preloaded_certs:
         target = f"/certificates/{quote_id(cert_id)}?api-version={CERTD_API}"
         try:
-            reply = call(socket, "GET", target)
-        except OSError as error:
+            reply = request(socket, "GET", target)
+        except UdsError as error:
             errors.append(f"could not load cert with ID {cert_id!r}: {error}")
             continue
-        if reply.status != 200 or not isinstance(reply.body, dict):
+        if reply.status != 200:
             errors.append(
                 f"could not load cert with ID {cert_id!r}: certd answered {reply.status} "
                 f"{reply.message}"
             )
             continue
         try:
-            certs = x509.load_pem_x509_certificates(str(reply.body.get("pem", "")).encode())
-        except ValueError as error:
+            certs = x509.load_pem_x509_certificates(str(reply.json()["pem"]).encode())
+        except (ValueError, KeyError, TypeError) as error:
             errors.append(f"could not load cert with ID {cert_id!r}: {error}")
             continue
         ctx.certs[cert_id] = certs[0]

@@ -11,10 +11,11 @@ from urllib.parse import unquote, urlsplit
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from ..uds import Reply, UdsError, request
 from .context import Context
+from .ids import KEYD_API, quote_id
 from .outcome import OK, SKIPPED, Outcome, failed, warning
 from .readers import reader_for, unreadable
-from .uds import KEYD_API, Reply, call, quote_id
 
 RSA_RECOMMENDED_MIN_BITS = 2048
 P256_OID = "BggqhkjOPQMBBw=="
@@ -26,12 +27,12 @@ class KeydRefused(Exception):
 
 
 def _parameter(socket: Path, handle: str, name: str) -> str:
-    reply = call(
+    reply = request(
         socket, "POST", f"/parameters/{name}?api-version={KEYD_API}", {"keyHandle": handle}
     )
-    if reply.status != 200 or not isinstance(reply.body, dict):
+    if reply.status != 200:
         raise KeydRefused(f"parameter {name}", reply)
-    return str(reply.body["value"])
+    return str(reply.json()["value"])
 
 
 def _number(value: str) -> int:
@@ -69,11 +70,11 @@ def key_pairs_read(ctx: Context, info: dict[str, Any]) -> Outcome:
                 errors.append(f"preloaded key '{key_id}': {problem}")
                 continue
         try:
-            reply = call(socket, "GET", f"/keypair/{quote_id(key_id)}?api-version={KEYD_API}")
-        except OSError as error:
+            reply = request(socket, "GET", f"/keypair/{quote_id(key_id)}?api-version={KEYD_API}")
+        except UdsError as error:
             errors.append(f"could not ask keyd for key pair '{key_id}': {error}")
             continue
-        if reply.status != 200 or not isinstance(reply.body, dict):
+        if reply.status != 200:
             # It may be a symmetric key, which this route refuses just as it refuses a broken
             # key pair; only an id that also names a preloaded cert is surely a key pair.
             if certd is not None and key_id in certd.preloaded_certs:
@@ -83,14 +84,14 @@ def key_pairs_read(ctx: Context, info: dict[str, Any]) -> Outcome:
                 )
             continue
         try:
-            key = public_key(socket, str(reply.body["keyHandle"]))
+            key = public_key(socket, str(reply.json()["keyHandle"]))
         except KeydRefused as error:
             if "ec-curve-oid" in str(error):
                 warnings.append(f"EC key {key_id} not using recommended curve (recommended: P-256)")
             else:
                 errors.append(f"could not load preloaded private key with ID {key_id!r}: {error}")
             continue
-        except (OSError, ValueError, KeyError) as error:
+        except (UdsError, ValueError, KeyError, TypeError) as error:
             errors.append(f"could not load preloaded private key with ID {key_id!r}: {error}")
             continue
         if isinstance(key, rsa.RSAPublicKey) and key.key_size < RSA_RECOMMENDED_MIN_BITS:
