@@ -102,8 +102,14 @@ def run(args: argparse.Namespace, layout: Layout) -> int:
     dont_run = {check_id for value in args.dont_run for check_id in value.split()}
     report = Report(args.output, args.verbose, args.warnings_as_errors, sys.stdout)
     ctx = Context(layout, options)
-    run_checks(ctx, dont_run, report)
-    report.finish(additional_info(ctx.identityd))
+    try:
+        run_checks(ctx, dont_run, report)
+        report.finish(additional_info(ctx.identityd))
+    except BrokenPipeError:
+        # The reader (`| head`) left; nothing more can be said, and the interpreter must not
+        # fail again flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return report.exit_code()
 
 
