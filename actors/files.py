@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import pwd
 import stat
 import tempfile
 from collections import OrderedDict
@@ -74,16 +75,33 @@ def make_directories(path: Path, mode: int, parents_mode: int = 0o755) -> None:
             os.chmod(directory, wanted)
 
 
-def check_private_directory(path: Path, contents: str) -> None:
+def _uid_of(user: str | None) -> int | None:
+    if user is None:
+        return None
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
+def check_private_directory(path: Path, contents: str, service_user: str | None = None) -> None:
     """Refuse a directory that a user other than this one (or root) could write to; `contents`
-    says what such a user could replace ("the keys and the handle-validation key")."""
+    says what such a user could replace ("the keys and the handle-validation key").
+
+    `service_user` is the original's user for this service (`aziotks`, ...): installed as a
+    system service, aziotd runs as root over the state the original keeps under those users,
+    so a directory they own is the service's own, not another user's."""
     info = os.lstat(path)
     mode = stat.S_IMODE(info.st_mode)
     if not stat.S_ISDIR(info.st_mode):
         raise UnsafeDirectory(f"{path} is not a directory (mode {stat.filemode(info.st_mode)})")
-    if info.st_uid not in (0, os.geteuid()):
+    trusted = {0, os.geteuid()}
+    if os.geteuid() == 0 and (service_uid := _uid_of(service_user)) is not None:
+        trusted.add(service_uid)
+    if info.st_uid not in trusted:
+        also = f" nor to {service_user}" if service_user and os.geteuid() == 0 else ""
         raise UnsafeDirectory(
-            f"{path} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}); "
+            f"{path} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}){also}; "
             f"it could replace {contents}"
         )
     if mode & 0o022:
@@ -150,9 +168,11 @@ class FileStore:
         extension: str,
         points: str,
         contents: str,
+        service_user: str | None = None,
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self.directory = directory
+        self._service_user = service_user
         self.extension = extension
         self._faults = faults
         self._points = points
@@ -175,8 +195,8 @@ class FileStore:
             return
         make_directories(self.directory.parent, 0o700)
         make_directories(self.directory, 0o700)
-        check_private_directory(self.directory.parent, self._contents)
-        check_private_directory(self.directory, self._contents)
+        check_private_directory(self.directory.parent, self._contents, self._service_user)
+        check_private_directory(self.directory, self._contents, self._service_user)
         for stale in self.directory.glob(".*.tmp"):
             log.info("removing %s, left by an interrupted write", stale)
             with contextlib.suppress(FileNotFoundError):

@@ -33,6 +33,7 @@ class CertStore:
             extension="cer",
             points="certs.store",
             contents="the certificates",
+            service_user="aziotcs",
         )
         self.preloaded = preloaded
 

@@ -107,7 +107,7 @@ def aead_decrypt(key: bytes, iv: bytes, aad: bytes, ciphertext: bytes) -> bytes:
     if len(rest) < gcm.TAG_LEN:
         raise bad_parameter("ciphertext is shorter than its tag")
     if version == 1:  # IoT Edge 1.1 wrote the tag first
-        rest = rest[gcm.TAG_LEN:] + rest[:gcm.TAG_LEN]
+        rest = rest[gcm.TAG_LEN :] + rest[: gcm.TAG_LEN]
     _check_aes256(key)
     try:
         return gcm.decrypt(key, iv, rest, aad)

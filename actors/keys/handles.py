@@ -174,8 +174,15 @@ def _sealed_body(ref: KeyRef, nonce: str) -> bytes:
     ]
     base = json.dumps(ref.base_handle, ensure_ascii=False).encode("utf-8")
     return b"".join(
-        [b'{"key_id":{"Derived":[', base, b",[", b",".join(numbers), b']]},"nonce":"',
-         nonce.encode("ascii"), b'"}']
+        [
+            b'{"key_id":{"Derived":[',
+            base,
+            b",[",
+            b",".join(numbers),
+            b']]},"nonce":"',
+            nonce.encode("ascii"),
+            b'"}',
+        ]
     )
 
 

@@ -113,8 +113,11 @@ def _gcm(encrypt: bool, key: bytes, iv: bytes, data: bytes, aad: bytes, tag: byt
         total = written.value
         if not encrypt:
             tag_buffer = ctypes.create_string_buffer(tag, TAG_LEN)
-            _check(lib, lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, TAG_LEN, tag_buffer),
-                   "GCM tag")
+            _check(
+                lib,
+                lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, TAG_LEN, tag_buffer),
+                "GCM tag",
+            )
         rest = ctypes.create_string_buffer(TAG_LEN)
         if final(ctx, rest, ctypes.byref(written)) != 1:
             _errors(lib)

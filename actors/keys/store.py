@@ -28,4 +28,5 @@ def key_store(keys_dir: Path | None, faults: Faults) -> FileStore:
         extension=EXTENSION,
         points=FAULT_POINTS,
         contents="the keys and the handle-validation key",
+        service_user="aziotks",
     )
