@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,37 @@ def test_a_directory_others_can_write_is_refused_naming_what_they_could_replace(
     os.chmod(tmp_path / "certs", 0o777)
     with pytest.raises(UnsafeDirectory, match="could replace the certificates"):
         cert_store(tmp_path / "certs").prepare()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: aziotd as installed, over chown'd dirs")
+def test_as_root_the_services_own_user_may_own_the_store_and_no_other(tmp_path: Path) -> None:
+    # `nobody` stands for the original's `aziotks`/`aziotcs`, which this machine lacks.
+    nobody = pwd.getpwnam("nobody").pw_uid
+    home = tmp_path / "home"
+    (home / "certs").mkdir(mode=0o700, parents=True)
+    os.chmod(home, 0o700)
+    os.chown(home, nobody, nobody)
+    os.chown(home / "certs", nobody, nobody)
+    with pytest.raises(UnsafeDirectory, match=f"belongs to uid {nobody}, not to this user"):
+        cert_store(home / "certs").prepare()
+    trusted = FileStore(
+        home / "certs",
+        Faults(),
+        extension="cer",
+        points="certs.store",
+        contents="the certificates",
+        service_user="nobody",
+    )
+    trusted.prepare()
+    with pytest.raises(UnsafeDirectory, match=f"uid {nobody}, not to this user .* nor to daemon"):
+        FileStore(
+            home / "certs",
+            Faults(),
+            extension="cer",
+            points="certs.store",
+            contents="the certificates",
+            service_user="daemon",
+        ).prepare()
 
 
 def test_a_crash_mid_write_leaves_a_temp_file_that_prepare_sweeps(tmp_path: Path) -> None:
