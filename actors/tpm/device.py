@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -119,6 +120,20 @@ class TpmFailure(Exception):
     """One TPM command failed; the context is still usable."""
 
 
+DEFAULT_DEVICES = ("/dev/tpmrm0", "/dev/tpm0")  # what tss2's "device" TCTI tries, in order
+
+
+def missing_device(tcti: str) -> str | None:
+    """For a `device` TCTI whose device file is absent, what is missing; else None."""
+    name, _, config = tcti.partition(":")
+    if name != "device":
+        return None
+    paths = (config,) if config else DEFAULT_DEVICES
+    if any(os.path.exists(path) for path in paths):
+        return None
+    return " and ".join(paths) + (" do not exist" if len(paths) > 1 else " does not exist")
+
+
 @attrs.frozen
 class TpmSettings:
     tcti: str
@@ -167,6 +182,11 @@ class TpmDevice:
         """(Re)connect and make sure EK and SRK exist; returns what was done, for the log."""
         self.close()
         tcti = self.settings.tcti
+        missing = missing_device(tcti)
+        if missing:
+            # Said here rather than by tss2, which writes five lines to stderr at each retry:
+            # a device without a TPM still has tpmd configured by `config apply`.
+            raise TpmUnavailable(f"TCTI {tcti!r}: no TPM device: {missing}")
         try:
             esapi = ESAPI(tcti or None)
         except TSS2_Exception as error:
