@@ -743,6 +743,44 @@ def test_dps_endpoint_through_proxy(
     assert results(document)["identity-certificate-expiry"] == "ignored"
 
 
+def test_the_hub_dps_assigned_is_read_from_identityds_backup(
+    device: Device,
+    ca: CertificateAuthority,
+    tmp_path: Path,
+    trust: Path,
+    ntp: SntpServer,
+    capsys,
+    monkeypatch,
+) -> None:
+    hub = TlsServers(ca, tmp_path, (0,))
+    device.configs["identityd"] = (
+        f'hostname = "{socket.gethostname()}"\nhomedir = "{device.layout.homedir("identityd")}"\n'
+        '[provisioning]\nsource = "dps"\n'
+        'global_endpoint = "https://127.0.0.1:9/"\nscope_id = "0ne00000001"\n'
+        '[provisioning.attestation]\nmethod = "symmetric_key"\nregistration_id = "dev1"\n'
+        'symmetric_key = "device-id"\n'
+    )
+    device.write_configs()
+    home = device.layout.homedir("identityd")
+    home.mkdir(parents=True, exist_ok=True)
+    # As identityd writes it after DPS assigned a hub that serves on one port of its own.
+    (home / "device_info").write_text(
+        f'hub_name = "{hub.host}:{hub.ports[0]}"\nlocal_gateway_hostname = "{hub.host}"\n'
+        'device_id = "dev1"\n'
+    )
+    try:
+        _, document = check(device, capsys, monkeypatch, "--dont-run", DAEMON_CHECKS, ntp=ntp)
+    finally:
+        hub.close()
+    outcome = results(document)
+    assert outcome["host-connect-iothub-https"] == "ok", document
+    info = document["checks"]["host-connect-iothub-https"]["additional_info"]
+    assert info["iothub_hostname"] == f"{hub.host}:{hub.ports[0]}"
+    assert info["port_number"] == hub.ports[0]
+    # Nothing listens for AMQP or MQTT on a hub named with its one port.
+    assert outcome["host-connect-iothub-amqp"] == outcome["host-connect-iothub-mqtt"] == "ignored"
+
+
 def test_unreadable_config_is_fatal(device: Device) -> None:
     """As a user who may not read keyd's config: fatal, and nothing after it runs."""
     device.layout.applied_config("keyd").chmod(0o600)

@@ -5,8 +5,11 @@ the DPS endpoint, bounded by identityd's cloud_timeout_sec; HTTPS and DPS go thr
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import tomli
 
 from aziot.config.identityd import Dps, Manual, NoProvisioning
 
@@ -37,12 +40,35 @@ def _hub_hostname(ctx: Context) -> tuple[str, bool] | Outcome:
     previous = ctx.identityd_prev
     if previous is not None and isinstance(previous.provisioning.kind, Manual):
         return previous.provisioning.kind.iothub_hostname, False
+    assigned = _assigned_hub(config.homedir / "device_info")
+    if assigned is not None:
+        return assigned, False
     return warning(
         "Could not retrieve iothub_hostname from provisioning file.\n"
         "Please specify the backing IoT Hub name using --iothub-hostname switch if you have "
         "that information.\n"
         "Since no hostname is provided, all hub connectivity tests will be skipped."
     )
+
+
+def _assigned_hub(path: Path) -> str | None:
+    """The hub DPS assigned, from identityd's backup of its last provisioning (the original
+    looks only at a manual prev_state, so after DPS it never knows the hub)."""
+    try:
+        with path.open("rb") as file:
+            hub = tomli.load(file).get("hub_name")
+    except (OSError, tomli.TOMLDecodeError):
+        return None
+    return hub if isinstance(hub, str) and hub else None
+
+
+def _split_port(host: str, port: int) -> tuple[str, int] | None:
+    """`host:port` names the one port a hub (a test hub, a gateway) serves: the HTTPS check
+    uses it, the AMQP and MQTT checks have nothing to reach."""
+    name, colon, explicit = host.rpartition(":")
+    if not colon or not explicit.isdigit():
+        return host, port
+    return (name, int(explicit)) if port == 443 else None
 
 
 def _handshake(host: str, port: int, proxy: str | None, seconds: float) -> Outcome | None:
@@ -70,10 +96,15 @@ def _hub(port: int) -> Callable[[Context, dict[str, Any]], Outcome]:
             return found
         host, nested = found
         info["iothub_hostname"] = host
+        target = _split_port(host, port)
+        if target is None:
+            return IGNORED
+        host, target_port = target
+        info["port_number"] = target_port
         proxy = ctx.options.proxy_uri if port == 443 else None
         info["proxy"] = proxy
         seconds = ctx.need_identityd().cloud_timeout_sec
-        outcome = _handshake(host, port, proxy, seconds)
+        outcome = _handshake(host, target_port, proxy, seconds)
         if outcome is None:
             return OK
         if nested:
