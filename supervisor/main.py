@@ -44,17 +44,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="aziotd",
         description=(
-            "IoT device identity daemon: serves the Keys Service and the Certificates Service "
-            "(and, as they land, the Identity and TPM services) over Unix sockets, "
-            "wire-compatible with the Azure IoT Identity Service. A service starts when its "
-            "config file exists."
+            "IoT device identity daemon: serves the Keys, Certificates, Identity and TPM "
+            "services over Unix sockets, wire-compatible with the Azure IoT Identity Service. "
+            "A service starts when its config exists: its config.toml or a *.toml drop-in in "
+            "its config.d (what `aziotctl config apply` writes)."
         ),
         epilog=(
             "environment: AZIOT_KEYD_CONFIG (default /etc/aziot/keyd/config.toml), "
             "AZIOT_KEYD_CONFIG_DIR (default /etc/aziot/keyd/config.d), AZIOT_CERTD_CONFIG "
             "(default /etc/aziot/certd/config.toml), AZIOT_CERTD_CONFIG_DIR (default "
             "/etc/aziot/certd/config.d), AZIOT_IDENTITYD_CONFIG (default "
-            "/etc/aziot/identityd/config.toml), AZIOT_IDENTITYD_CONFIG_DIR, AZIOT_SOCKET_DIR "
+            "/etc/aziot/identityd/config.toml), AZIOT_IDENTITYD_CONFIG_DIR, AZIOT_TPMD_CONFIG, "
+            "AZIOT_TPMD_CONFIG_DIR (likewise), AZIOT_SOCKET_DIR "
             "(default /run/aziot), AZIOT_LOG (the original's: a level, or directives such as "
             "aziot=debug or info,aziot_keyd=trace), AZIOT_LOG_LEVEL (same syntax), AZIOTD_FAULTS "
             "(fault injection rules, see --list-fault-points). Log level precedence: --log-level, "
