@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from .loader import ConfigError, ServicePaths, load_merged, type_name
+from .loader import ServicePaths, type_name
+from .table import Locator, Table, load_merged_source, locator
 
 log = logging.getLogger(__name__)
 
@@ -108,87 +109,24 @@ class CertdConfig:
     not_before_margin_secs: int = DEFAULT_NOT_BEFORE_MARGIN
 
 
-class _Table:
-    """A TOML table being read: every key taken is remembered, so the rest can be refused."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a table, found {type_name(data)}")
-        self.data = data
-        self.where = where
-        self._taken: set[str] = set()
-
-    def _get(self, key: str, kinds: tuple[type, ...], expected: str) -> Any:
-        self._taken.add(key)
-        value = self.data.get(key)
-        if value is None:
-            return None
-        if isinstance(value, bool) and bool not in kinds:
-            raise ConfigError(f"{self.name(key)}: expected {expected}, found a boolean")
-        if not isinstance(value, kinds):
-            raise ConfigError(f"{self.name(key)}: expected {expected}, found {type_name(value)}")
-        return value
-
-    def name(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def string(self, key: str) -> str | None:
-        value: str | None = self._get(key, (str,), "a string")
-        return value
-
-    def integer(self, key: str) -> int | None:
-        value: int | None = self._get(key, (int,), "an integer")
-        return value
-
-    def boolean(self, key: str) -> bool | None:
-        value: bool | None = self._get(key, (bool,), "true or false")
-        return value
-
-    def table(self, key: str) -> _Table | None:
-        value = self._get(key, (dict,), "a table")
-        return None if value is None else _Table(value, self.name(key))
-
-    def strings(self, key: str) -> list[str] | None:
-        value = self._get(key, (list,), "an array of strings")
-        if value is None:
-            return None
-        for item in value:
-            if not isinstance(item, str):
-                raise ConfigError(
-                    f"{self.name(key)}: expected an array of strings, found {type_name(item)}"
-                )
-        return list(value)
-
-    def take(self, key: str) -> None:
-        self._taken.add(key)
-
-    def refuse_others(self, known: str) -> None:
-        unknown = sorted(set(self.data) - self._taken)
-        if unknown:
-            names = ", ".join(self.name(k) for k in unknown)
-            raise ConfigError(f"unknown key {names}; {known}")
-
-
-def _pair(table: _Table, first: str, second: str) -> tuple[str, str] | None:
+def _pair(table: Table, first: str, second: str) -> tuple[str, str] | None:
     """Two keys that only mean something together: both, or neither."""
     a, b = table.string(first), table.string(second)
     if (a is None) != (b is None):
         given, missing = (first, second) if b is None else (second, first)
-        raise ConfigError(
-            f"{table.name(given)} is set but {table.name(missing)} is not; set both or neither"
-        )
+        raise table.error(given, f"is set but {table.name(missing)} is not; set both or neither")
     return None if a is None or b is None else (a, b)
 
 
-def _auth(table: _Table) -> EstAuth | None:
+def _auth(table: Table) -> EstAuth | None:
     basic = _pair(table, "username", "password")
     identity = _pair(table, "identity_cert", "identity_pk")
     bootstrap = _pair(table, "bootstrap_identity_cert", "bootstrap_identity_pk")
     if bootstrap is not None and identity is None:
-        raise ConfigError(
-            f"{table.name('bootstrap_identity_cert')} is set but {table.name('identity_cert')} "
-            "is not: the bootstrap identity is only used to obtain the EST identity cert, "
-            "whose ids identity_cert and identity_pk name"
+        raise table.error(
+            "bootstrap_identity_cert",
+            f"is set but {table.name('identity_cert')} is not: the bootstrap identity is only "
+            "used to obtain the EST identity cert, whose ids identity_cert and identity_pk name",
         )
     if basic is None and identity is None:
         return None
@@ -199,21 +137,34 @@ def _auth(table: _Table) -> EstAuth | None:
     )
 
 
-def _url(value: str, where: str) -> str:
+def _url(table: Table, key: str, value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.netloc:
-        raise ConfigError(f"{where}: {value!r} is not an http:// or https:// URL")
+        raise table.error(key, f"{value!r} is not an http:// or https:// URL")
     if parts.scheme == "http":
         log.warning(
             "%s: EST server URL %s is unencrypted HTTP, which exposes the device to "
             "man-in-the-middle attacks; configure HTTPS on the EST server",
-            where,
+            table.name(key),
             value,
         )
     return value
 
 
-def _est(table: _Table) -> Est:
+AUTH_KEYS = (
+    "username",
+    "password",
+    "identity_cert",
+    "identity_pk",
+    "bootstrap_identity_cert",
+    "bootstrap_identity_pk",
+)
+
+
+OPTION_KEYS = ("method", "expiry_days", "common_name", "subject", "auto_renew", "key")
+
+
+def _est(table: Table) -> Est:
     trusted = table.strings("trusted_certs") or []
     auth = _auth(table)
     renew = table.table("identity_auto_renew")
@@ -224,50 +175,45 @@ def _est(table: _Table) -> Est:
         for cert_id in url_table.data:
             value = url_table.string(cert_id)
             assert value is not None
-            urls[cert_id] = _url(value, url_table.name(cert_id))
-    table.refuse_others(
-        "known: trusted_certs, username, password, identity_cert, identity_pk, "
-        "bootstrap_identity_cert, bootstrap_identity_pk, identity_auto_renew, urls"
-    )
+            urls[cert_id] = _url(url_table, cert_id, value)
+    table.refuse_others(("trusted_certs", *AUTH_KEYS, "identity_auto_renew", "urls"))
     return Est(trusted, auth, auto_renew, urls)
 
 
-def _auto_renew(renew: _Table) -> AutoRenew:
-    # In the original all three keys are required once the table is present.
+def _auto_renew(renew: Table) -> AutoRenew:
+    # In the original all three keys are required once the table is present. An empty policy
+    # is not refused here: the policy parser names it as the invalid policy it is.
     values = {}
-    for key in ("threshold", "retry"):
+    for key, example in (("threshold", "80%"), ("retry", "4%")):
         value = renew.string(key)
         if value is None:
-            raise ConfigError(f"{renew.name(key)} is missing")
+            raise renew.error(key, f'is missing: expected a policy, e.g. "{example}"')
         values[key] = value
-    rotate = renew.boolean("rotate_key")
-    if rotate is None:
-        raise ConfigError(f"{renew.name('rotate_key')} is missing")
-    renew.refuse_others("known: rotate_key, threshold, retry")
+    rotate = renew.required_boolean("rotate_key")
+    renew.refuse_others(("rotate_key", "threshold", "retry"))
     return AutoRenew(rotate, values["threshold"], values["retry"])
 
 
-def _cert_key(table: _Table) -> CertKey:
+def _cert_key(table: Table) -> CertKey:
     pair = _pair(table, "cert", "pk")
     if pair is None:
-        raise ConfigError(f"{table.where}: needs cert (a cert id) and pk (a key id)")
-    table.refuse_others("known: cert, pk")
+        raise table.error(None, "needs cert (a cert id) and pk (a key id)")
+    table.refuse_others(("cert", "pk"))
     return CertKey(*pair)
 
 
-def _options(table: _Table) -> IssuanceOptions:
+def _options(table: Table) -> IssuanceOptions:
     method = table.string("method")
     if method not in METHODS:
         found = "nothing" if method is None else repr(method)
-        raise ConfigError(
-            f"{table.name('method')}: expected one of {', '.join(METHODS)}, found {found} "
-            '(each entry is a table, e.g. { method = "local_ca" })'
+        raise table.error(
+            "method",
+            f"expected one of {', '.join(METHODS)}, found {found} "
+            '(each entry is a table, e.g. { method = "local_ca" })',
         )
-    expiry = table.integer("expiry_days")
+    expiry = table.integer("expiry_days", high=U32_MAX)
     if expiry is not None and expiry <= 0:
-        raise ConfigError(f"{table.name('expiry_days')}: expiry_days must be greater than 0")
-    if expiry is not None and expiry > U32_MAX:
-        raise ConfigError(f"{table.name('expiry_days')}: {expiry} is more than {U32_MAX}")
+        raise table.error("expiry_days", "expiry_days must be greater than 0")
     common_name = table.string("common_name")
     subject_table = table.table("subject")
     subject = None
@@ -278,59 +224,67 @@ def _options(table: _Table) -> IssuanceOptions:
             assert value is not None
             subject[name] = value
     if common_name is not None and subject is not None:
-        raise ConfigError(f"{table.where}: set common_name or subject, not both")
+        raise table.error(None, "set common_name or subject, not both")
     renew_table = table.table("auto_renew")
     auto_renew = None if renew_table is None else _auto_renew(renew_table)
     key = table.string("key")
     url = auth = None
-    known = "method, expiry_days, common_name, subject, auto_renew, key"
+    known: tuple[str, ...] = (
+        "method",
+        "expiry_days",
+        "common_name",
+        "subject",
+        "auto_renew",
+        "key",
+    )
     if method == "est":
         raw_url = table.string("url")
-        url = None if raw_url is None else _url(raw_url, table.name("url"))
+        url = None if raw_url is None else _url(table, "url", raw_url)
         auth = _auth(table)
-        known += ", url, username, password, identity_cert, identity_pk, bootstrap_identity_cert, "
-        known += "bootstrap_identity_pk"
-    table.refuse_others(f"known for method {method}: {known}")
+        known += ("url", *AUTH_KEYS)
+    table.refuse_others(known, f'for method = "{method}"')
     return IssuanceOptions(method, expiry, common_name, subject, url, auth, auto_renew, key)
 
 
-def _preloaded(table: _Table) -> dict[str, str | list[str]]:
+def _preloaded(table: Table) -> dict[str, str | list[str]]:
     preloaded: dict[str, str | list[str]] = {}
     for cert_id, value in table.data.items():
-        where = table.name(cert_id)
         if isinstance(value, str):
             if urlsplit(value).scheme != "file":
-                raise ConfigError(
-                    f"{where}: {value!r} is not a file:// URI (the only kind of preloaded cert)"
+                raise table.error(
+                    cert_id, f"{value!r} is not a file:// URI (the only kind of preloaded cert)"
                 )
             preloaded[cert_id] = value
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
             preloaded[cert_id] = list(value)
         else:
-            raise ConfigError(
-                f"{where}: expected a file:// URI or an array of cert ids, found {type_name(value)}"
+            raise table.error(
+                cert_id,
+                f"expected a file:// URI or an array of cert ids, found {type_name(value)}",
             )
     return preloaded
 
 
-def parse_certd(data: dict[str, Any], source: str) -> CertdConfig:
-    try:
-        return _parse(data)
-    except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
+def _principal(entry: Table) -> Principal:
+    uid = entry.integer("uid")
+    if uid is None or not 0 <= uid <= U32_MAX:
+        raise entry.error("uid", f"expected a uid (an integer 0 to {U32_MAX})")
+    patterns = entry.strings("certs")
+    if patterns is None:
+        raise entry.error("certs", "is missing: expected an array of cert id patterns")
+    entry.refuse_others(("uid", "certs"))
+    return Principal(uid, patterns)
 
 
-def _parse(data: dict[str, Any]) -> CertdConfig:
-    top = _Table(data, "")
+def parse_certd(data: dict[str, Any], source: str | Locator) -> CertdConfig:
+    """Parse one already-merged table; `source` is the file name errors start with, or where
+    each key came from (`table.load_merged_source`)."""
+    top = Table(data, "", locator(source))
     homedir = top.string("homedir_path")
     if homedir is None:
-        raise ConfigError("homedir_path is missing (certd keeps its certs under it)")
-    max_requests = top.integer("max_requests")
-    if max_requests is not None and max_requests < 1:
-        raise ConfigError("max_requests must be at least 1")
-    margin = top.integer("not_before_margin_secs")
-    if margin is not None and margin < 0:
-        raise ConfigError("not_before_margin_secs must not be negative")
+        raise top.error("homedir_path", "is missing (certd keeps its certs under it)")
+    max_requests = top.integer("max_requests", 1)
+    margin = top.integer("not_before_margin_secs", 0)
     est = local_ca = None
     certs: dict[str, IssuanceOptions] = {}
     issuance = top.table("cert_issuance")
@@ -346,31 +300,31 @@ def _parse(data: dict[str, Any]) -> CertdConfig:
                 certs[key] = _options(sub)
     preloaded_table = top.table("preloaded_certs")
     preloaded = {} if preloaded_table is None else _preloaded(preloaded_table)
-    principals = []
-    top.take("principal")
-    raw_principals = data.get("principal", [])
+    raw_principals = top.take("principal")
+    raw_principals = [] if raw_principals is None else raw_principals
     if not isinstance(raw_principals, list):
-        raise ConfigError("principal: expected an array of tables ([[principal]])")
-    for index, raw in enumerate(raw_principals):
-        entry = _Table(raw, f"principal[{index}]")
-        uid = entry.integer("uid")
-        if uid is None or not 0 <= uid <= U32_MAX:
-            raise ConfigError(f"{entry.name('uid')}: expected a uid (an integer 0 to {U32_MAX})")
-        patterns = entry.strings("certs")
-        if patterns is None:
-            raise ConfigError(f"{entry.name('certs')} is missing")
-        entry.refuse_others("known: uid, certs")
-        principals.append(Principal(uid, patterns))
+        raise top.error("principal", "expected an array of tables ([[principal]])")
+    principals = [
+        _principal(Table(raw, f"principal[{index}]", top.source))
+        for index, raw in enumerate(raw_principals)
+    ]
     endpoints = Endpoints()
     endpoint_table = top.table("endpoints")
     if endpoint_table is not None:
         endpoints = Endpoints(
             endpoint_table.string("aziot_certd"), endpoint_table.string("aziot_keyd")
         )
-        endpoint_table.refuse_others("known: aziot_certd, aziot_keyd")
+        endpoint_table.refuse_others(("aziot_certd", "aziot_keyd"))
     top.refuse_others(
-        "known: homedir_path, max_requests, cert_issuance, preloaded_certs, principal, "
-        "endpoints, not_before_margin_secs"
+        (
+            "homedir_path",
+            "max_requests",
+            "cert_issuance",
+            "preloaded_certs",
+            "principal",
+            "endpoints",
+            "not_before_margin_secs",
+        )
     )
     return CertdConfig(
         homedir=Path(homedir),
@@ -386,4 +340,6 @@ def _parse(data: dict[str, Any]) -> CertdConfig:
 
 
 def load_certd(paths: ServicePaths) -> CertdConfig:
-    return parse_certd(load_merged(paths), f"{paths.config_file} (+ {paths.config_dir}/*.toml)")
+    """config.toml merged with config.d/*.toml; a refusal names the file and line of the key."""
+    source = load_merged_source(paths)
+    return parse_certd(source.data, source)
