@@ -12,7 +12,8 @@ from typing import Any
 
 import attrs
 
-from .loader import ConfigError, ServicePaths, load_merged, type_name
+from .loader import ServicePaths
+from .table import Locator, Table, load_merged_source, locator
 
 DEFAULT_TCTI = "device"
 DEFAULT_AUTH_KEY_INDEX = 0x00_01_00
@@ -46,59 +47,41 @@ class TpmdConfig:
         return PERSISTENT_OBJECT_BASE + self.auth_key_index
 
 
-def _get(table: dict[str, Any], where: str, key: str, kind: type, expected: str) -> Any:
-    value = table.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-        raise ConfigError(f"{where}{key}: expected {expected}, found {type_name(value)}")
-    return value
-
-
-def _refuse_others(table: dict[str, Any], where: str, known: tuple[str, ...]) -> None:
-    unknown = sorted(set(table) - set(known))
-    if unknown:
-        names = ", ".join(f"{where}{key}" for key in unknown)
-        raise ConfigError(f"unknown key {names}; known: {', '.join(known)}")
-
-
-def _c_string(table: dict[str, Any], where: str, key: str) -> str | None:
+def _c_string(table: Table, key: str) -> str | None:
     """tss2 and the original take these as C strings: a NUL inside cannot be passed on."""
-    value: str | None = _get(table, where, key, str, "a string")
+    value = table.string(key)
     if value is not None and "\0" in value:
-        raise ConfigError(f"{where}{key}: must not contain a NUL character")
+        raise table.error(key, "must not contain a NUL character")
     return value
 
 
-def _parse(data: dict[str, Any]) -> TpmdConfig:
-    max_requests = _get(data, "", "max_requests", int, "an integer")
-    if max_requests is not None and max_requests < 1:
-        raise ConfigError("max_requests must be at least 1")
-    tcti = _c_string(data, "", "tcti")
-    index = _get(data, "", "auth_key_index", int, f"an integer 0 to {MAX_AUTH_KEY_INDEX:#x}")
+def parse_tpmd(data: dict[str, Any], source: str | Locator) -> TpmdConfig:
+    """Parse one already-merged table; `source` is the file name errors start with, or where
+    each key came from (`table.load_merged_source`)."""
+    top = Table(data, "", locator(source))
+    max_requests = top.integer("max_requests", 1)
+    tcti = _c_string(top, "tcti")
+    index = top.integer("auth_key_index", what=f"an integer 0 to {MAX_AUTH_KEY_INDEX:#x}")
     if index is not None and not 0 <= index <= MAX_AUTH_KEY_INDEX:
-        raise ConfigError(
-            f"auth_key_index: {index:#x} is out of range; expected an integer in range "
-            f"0x00_00_00..=0x7F_FF_FF (an offset from {PERSISTENT_OBJECT_BASE:#x})"
+        raise top.error(
+            "auth_key_index",
+            f"{index:#x} is out of range; expected an integer in range "
+            f"0x00_00_00..=0x7F_FF_FF (an offset from {PERSISTENT_OBJECT_BASE:#x})",
         )
     auth = HierarchyAuthorization()
-    auth_table = _get(data, "", "hierarchy_authorization", dict, "a table")
+    auth_table = top.table("hierarchy_authorization")
     if auth_table is not None:
-        where = "hierarchy_authorization."
         auth = HierarchyAuthorization(
-            _c_string(auth_table, where, "endorsement") or "",
-            _c_string(auth_table, where, "owner") or "",
+            _c_string(auth_table, "endorsement") or "", _c_string(auth_table, "owner") or ""
         )
-        _refuse_others(auth_table, where, ("endorsement", "owner"))
+        auth_table.refuse_others(("endorsement", "owner"))
     endpoints = Endpoints()
-    endpoint_table = _get(data, "", "endpoints", dict, "a table")
+    endpoint_table = top.table("endpoints")
     if endpoint_table is not None:
-        endpoints = Endpoints(_get(endpoint_table, "endpoints.", "aziot_tpmd", str, "a string"))
-        _refuse_others(endpoint_table, "endpoints.", ("aziot_tpmd",))
-    _refuse_others(
-        data,
-        "",
-        ("max_requests", "tcti", "auth_key_index", "hierarchy_authorization", "endpoints"),
+        endpoints = Endpoints(endpoint_table.string("aziot_tpmd"))
+        endpoint_table.refuse_others(("aziot_tpmd",))
+    top.refuse_others(
+        ("max_requests", "tcti", "auth_key_index", "hierarchy_authorization", "endpoints")
     )
     return TpmdConfig(
         max_requests=DEFAULT_MAX_REQUESTS if max_requests is None else max_requests,
@@ -109,12 +92,7 @@ def _parse(data: dict[str, Any]) -> TpmdConfig:
     )
 
 
-def parse_tpmd(data: dict[str, Any], source: str) -> TpmdConfig:
-    try:
-        return _parse(data)
-    except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
-
-
 def load_tpmd(paths: ServicePaths) -> TpmdConfig:
-    return parse_tpmd(load_merged(paths), f"{paths.config_file} (+ {paths.config_dir}/*.toml)")
+    """config.toml merged with config.d/*.toml; a refusal names the file and line of the key."""
+    source = load_merged_source(paths)
+    return parse_tpmd(source.data, source)

@@ -333,13 +333,13 @@ def test_config_defaults_and_values() -> None:
         ({"auth_key_index": "0x00_01_00"}, "auth_key_index: expected an integer"),
         ({"tcti": 2}, "tcti: expected a string, found an integer"),
         ({"tcti": "a\0b"}, "tcti: must not contain a NUL"),
-        ({"max_requests": 0}, "max_requests must be at least 1"),
+        ({"max_requests": 0}, "max_requests: 0 is out of range (expected an integer at least 1)"),
         ({"max_requests": True}, "max_requests: expected an integer, found a boolean"),
-        ({"auth_key_idx": 1}, "unknown key auth_key_idx"),
-        ({"hierarchy_authorization": {"ownr": "x"}}, "unknown key hierarchy_authorization.ownr"),
+        ({"auth_key_idx": 1}, "auth_key_idx: unknown key"),
+        ({"hierarchy_authorization": {"ownr": "x"}}, "hierarchy_authorization.ownr: unknown key"),
         ({"hierarchy_authorization": {"owner": 1}}, "hierarchy_authorization.owner: expected a string"),
         ({"hierarchy_authorization": "x"}, "hierarchy_authorization: expected a table"),
-        ({"endpoints": {"aziot_keyd": "unix:///k"}}, "unknown key endpoints.aziot_keyd"),
+        ({"endpoints": {"aziot_keyd": "unix:///k"}}, "endpoints.aziot_keyd: unknown key"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(data: dict[str, object], message: str) -> None:
@@ -359,5 +359,4 @@ def test_a_bad_config_d_file_stops_the_daemon(world_dir: Path) -> None:
     assert daemon.process is not None
     assert daemon.process.wait(30) == 78
     daemon.process = None
-    assert "auth_key_index: 0x800000 is out of range" in daemon.logs()
-    assert "config.d/*.toml" in daemon.logs()
+    assert "config.d/50-typo.toml:1: auth_key_index: 0x800000 is out of range" in daemon.logs()
