@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import attrs
 import tomli
+import tomli_w
 
 from aziot.config import super_config as sc
 from aziot.config.certd import parse_certd
@@ -52,78 +53,6 @@ class ApplyError(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# TOML out (tomli only reads)
-
-
-def _toml_string(text: str) -> str:
-    out = ['"']
-    for char in text:
-        if char in '"\\':
-            out.append("\\" + char)
-        elif char == "\n":
-            out.append("\\n")
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04X}")
-        else:
-            out.append(char)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_key(key: str) -> str:
-    if key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key):
-        return key
-    return _toml_string(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + items + " }" if items else "{}"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def _is_table_array(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def dumps(table: dict[str, Any]) -> str:
-    """TOML text for `table`: scalars first, then sub-tables (empty ones kept as headers)."""
-    lines: list[str] = []
-
-    def emit(data: dict[str, Any], path: list[str], header: str | None) -> None:
-        scalars = [
-            (k, v) for k, v in data.items() if not isinstance(v, dict) and not _is_table_array(v)
-        ]
-        tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
-        arrays = [(k, v) for k, v in data.items() if _is_table_array(v)]
-        if header is not None and (scalars or not (tables or arrays)):
-            if lines:
-                lines.append("")
-            lines.append(header)
-        for key, value in scalars:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-        for key, value in tables:
-            sub = [*path, key]
-            emit(value, sub, "[" + ".".join(_toml_key(p) for p in sub) + "]")
-        for key, items in arrays:
-            sub = [*path, key]
-            for item in items:
-                emit(item, sub, "[[" + ".".join(_toml_key(p) for p in sub) + "]]")
-
-    emit(table, [], None)
-    return "\n".join(lines) + "\n" if lines else ""
-
-
-# --------------------------------------------------------------------------------------------
 # The mapping
 
 
@@ -135,7 +64,7 @@ class Rendered:
     device_id_key: bytes | None = attrs.field(default=None, repr=False)
 
     def text(self, service: str) -> str:
-        return HEADER + dumps(self.configs[service])
+        return HEADER + tomli_w.dumps(self.configs[service])
 
 
 def _subject_with_cn(subject: dict[str, str], cn: str) -> dict[str, str]:

@@ -9,15 +9,18 @@ import os
 import sys
 from pathlib import Path
 
+import tomli_w
+
 from aziot.config.super_config import ConnectionString
 
-from .apply import dumps
 from .layout import Layout
 
 
 def super_config_text(connection_string: str) -> str:
     """The super-config: manual provisioning with `connection_string`, everything else default."""
-    return dumps({"provisioning": {"source": "manual", "connection_string": connection_string}})
+    return tomli_w.dumps(
+        {"provisioning": {"source": "manual", "connection_string": connection_string}}
+    )
 
 
 def write_new(path: Path, content: bytes, force: bool) -> None:
