@@ -85,22 +85,30 @@ class Daemon:
         services: Mapping[str, Snippet],
         env: dict[str, str] | None = None,
         config_d: Mapping[str, Mapping[str, str]] | None = None,
+        command: list[str] | None = None,
     ):
-        """`config_d` gives, per service, files of its config.d by name (`"10-p.toml": text`)."""
+        """`config_d` gives, per service, files of its config.d by name (`"10-p.toml": text`);
+        `command` runs aziotd (default: this checkout's, with this interpreter)."""
         self.root = root
         self.socket_dir = root / "run"
         self.log = root / "aziotd.log"
         self.env = dict(env or {})
+        self.command = command or [sys.executable, "-m", "aziot.supervisor.main"]
         self.process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
         self.services: dict[str, ServiceDir] = {}
+        self._write_configs(services, config_d or {})
+
+    def _write_configs(
+        self, services: Mapping[str, Snippet], config_d: Mapping[str, Mapping[str, str]]
+    ) -> None:
         for name, snippet in services.items():
             service = self.layout(name)
             service.config.parent.mkdir(parents=True, exist_ok=True)
             service.config_dir.mkdir(parents=True, exist_ok=True)
             text = snippet if isinstance(snippet, str) else snippet(service)
             service.config.write_text(text)
-            for file_name, content in (config_d or {}).get(name, {}).items():
+            for file_name, content in config_d.get(name, {}).items():
                 (service.config_dir / file_name).write_text(content)
             self.services[name] = service
 
@@ -133,7 +141,7 @@ class Daemon:
         assert self.process is None
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "aziot.supervisor.main"],
+                self.command,
                 env=self.environ(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -169,9 +177,7 @@ class Daemon:
         if not self.socket_dir.is_dir():
             return {}
         return {
-            path.stem: path
-            for path in sorted(self.socket_dir.glob("*.sock"))
-            if self.answers(path)
+            path.stem: path for path in sorted(self.socket_dir.glob("*.sock")) if self.answers(path)
         }
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
@@ -268,8 +274,45 @@ class Keyd(Daemon):
 
     def has_key(self, key_id: str, file_name: str) -> bool:
         """Whether `key_id` is stored: on the token (by label) or as `file_name` in keys/."""
-        if self.token is not None and any(
-            o.get("label") == key_id for o in self.token_objects()
-        ):
+        if self.token is not None and any(o.get("label") == key_id for o in self.token_objects()):
             return True
         return (self.keys_dir / file_name).exists()
+
+
+class AppliedDaemon(Daemon):
+    """aziotd on configs that are already in place under an aziotctl `Layout` (as `aziotctl
+    config apply` writes them, into config.d): nothing is written, every path is the layout's.
+    `command` may be an installed aziotd, or be prefixed (`setpriv ...`) to run as another uid."""
+
+    def __init__(
+        self,
+        layout: Any,  # aziot.cli.layout.Layout
+        services: tuple[str, ...],
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        self.applied = layout
+        super().__init__(layout.root, dict.fromkeys(services, ""), env=env, command=command)
+        self.socket_dir = layout.socket_dir
+
+    def _write_configs(
+        self, services: Mapping[str, Snippet], config_d: Mapping[str, Mapping[str, str]]
+    ) -> None:
+        self.services = {name: self.layout(name) for name in services}
+
+    def layout(self, name: str) -> ServiceDir:
+        return ServiceDir(
+            name,
+            config=self.applied.config_file(name),
+            config_dir=self.applied.config_dir(name),
+            home=self.applied.homedir(name),
+            socket=self.applied.socket(name),
+        )
+
+    def start(self, wait: bool = True) -> Self:
+        super().start(wait)
+        if wait:  # ready means the sockets answer; the pid file follows a moment later
+            deadline = time.monotonic() + 5
+            while not self.applied.pid_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return self

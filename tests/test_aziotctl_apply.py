@@ -13,9 +13,6 @@ import io
 import os
 import socket
 import stat
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +24,9 @@ from aziot.cli.layout import SERVICE_USERS, SERVICES, Layout
 from aziot.cli.main import main as aziotctl
 from aziot.config.loader import ConfigError
 from aziot.config.super_config import parse_super_config_text
-from tests import rawhttp
+from mockcloud.cloud import Cloud
 from tests.apply_vectors import BY_NAME, CS_UID, HOSTNAME, IS_UID, VECTORS, Vector
+from tests.daemon import AppliedDaemon
 
 KEY_B64 = "YXppb3QtaWRlbnRpdHktc2VydmljZXxhemlvdC1pZGU="
 
@@ -559,20 +557,9 @@ def test_missing_users_without_root_tell_the_operator_to_create_them() -> None:
 # End to end: apply under --root, then a real aziotd provisions against mockcloud
 
 
-def _run_apply(root: Path, config: Path) -> int:
-    try:
-        return aziotctl(["--root", str(root), "config", "apply", "-c", str(config)])
-    except NotImplementedError:
-        # aziot.cli.system.restart_services is not written yet; apply has called it last,
-        # after every file was written.
-        return 0
-
-
 def test_end_to_end_dps_symmetric_key(world_dir: Path) -> None:
-    from mockcloud.cloud import Cloud
-
     root = world_dir / "root"
-    layout = Layout(root)
+    layout = Layout(root, {})
     with Cloud(world_dir / "cloud") as cloud:
         enrollment = cloud.dps.add_symmetric_enrollment("my-device")
         config = world_dir / "config.toml"
@@ -588,50 +575,17 @@ registration_id = "my-device"
 symmetric_key = {{ value = "{enrollment.primary_key}" }}
 """
         )
-        assert _run_apply(root, config) == 0
-        for service in ("keyd", "certd", "identityd"):
-            layout.homedir(service).mkdir(parents=True, exist_ok=True)
-        sockets = world_dir / "run"
-        env = dict(os.environ)
-        for service in SERVICES:
-            upper = service.upper()
-            env[f"AZIOT_{upper}_CONFIG"] = str(layout.config_file(service))
-            env[f"AZIOT_{upper}_CONFIG_DIR"] = str(layout.config_dir(service))
-        env.update(
-            AZIOT_SOCKET_DIR=str(sockets),
-            SSL_CERT_FILE=str(cloud.server_ca_pem_path),
-            NO_PROXY="*",
-        )
-        log = (world_dir / "aziotd.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "aziot.supervisor.main"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
+        assert aziotctl(["--root", str(root), "config", "apply", "-c", str(config)]) == 0
+        env = {"SSL_CERT_FILE": str(cloud.server_ca_pem_path), "NO_PROXY": "*"}
+        # Every service from config.d/00-super.toml alone; identityd answers once provisioned.
+        daemon = AppliedDaemon(layout, tuple(SERVICES), env=env).start()
         try:
-            deadline = time.monotonic() + 12
-            reply = None
-            while time.monotonic() < deadline:
-                assert process.poll() is None, (world_dir / "aziotd.log").read_text()
-                try:
-                    reply = rawhttp.request(
-                        str(sockets / "identityd.sock"),
-                        "GET",
-                        "/identities/identity?api-version=2020-09-01",
-                    )
-                    if reply.status == 200:
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.1)
-            assert reply is not None and reply.status == 200, (world_dir / "aziotd.log").read_text()
+            reply = daemon.request("identityd", "GET", "/identities/identity")
+            assert reply.status == 200, reply.body
             spec = reply.json()["spec"]
             assert spec["hubName"] == cloud.hub_hostname
             assert spec["deviceId"] == "my-device"
             assert cloud.hub.device("my-device") is not None
+            assert not layout.config_file("keyd").exists()
         finally:
-            process.terminate()
-            process.wait(20)
-            log.close()
+            assert daemon.stop() == 0

@@ -29,7 +29,7 @@ from aziot.cli.main import main
 from aziot.supervisor.version import package_version
 from mockcloud.ca import CertificateAuthority, generate_key, name
 from tests.connect_proxy import ConnectProxy
-from tests.daemon import Daemon, ServiceDir
+from tests.daemon import AppliedDaemon
 
 NOBODY = 65534
 DAEMON_CHECKS = (
@@ -214,45 +214,8 @@ class Device:
             # Applied after the super-config was written, as `config apply` leaves them.
             os.utime(super_config, (time.time() - 60, time.time() - 60))
 
-    def daemon(self, services: tuple[str, ...] = ("keyd", "certd", "identityd")) -> Daemon:
-        return LayoutDaemon(self, services)
-
-
-class LayoutDaemon(Daemon):
-    """The real aziotd reading the Device's configs where aziotctl's Layout looks for them."""
-
-    def __init__(self, device: Device, services: tuple[str, ...], prefix: list[str] | None = None):
-        self.device = device
-        self.prefix = prefix or []
-        # The Device wrote the configs (in config.d); the base files stay empty.
-        super().__init__(device.root, dict.fromkeys(services, ""))
-
-    def layout(self, name: str) -> ServiceDir:
-        layout = self.device.layout
-        return ServiceDir(
-            name,
-            config=layout.config_file(name),
-            config_dir=layout.config_dir(name),
-            home=layout.homedir(name),
-            socket=layout.socket(name),
-        )
-
-    def start(self, wait: bool = True) -> LayoutDaemon:
-        assert self.process is None
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "aziot.supervisor.main"],
-                env=self.environ(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=Path(__file__).resolve().parent.parent,
-            )
-        if wait:
-            self.wait_ready()
-            deadline = time.monotonic() + 5
-            while not self.device.layout.pid_file.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-        return self
+    def daemon(self, services: tuple[str, ...] = ("keyd", "certd", "identityd")) -> AppliedDaemon:
+        return AppliedDaemon(self.layout, services)
 
 
 @pytest.fixture
@@ -261,7 +224,7 @@ def device(world_dir: Path, ca: CertificateAuthority) -> Device:
 
 
 @pytest.fixture
-def running(device: Device) -> Iterator[LayoutDaemon]:
+def running(device: Device) -> Iterator[AppliedDaemon]:
     daemon = device.daemon().start()
     yield daemon
     daemon.stop()
@@ -553,10 +516,11 @@ def test_key_unreadable_by_the_daemons_user(
     for path in (device.root / "run", device.layout.homedir("keyd").parent):
         path.mkdir(parents=True, exist_ok=True)
         os.chown(path, NOBODY, NOBODY)
-    daemon = LayoutDaemon(
-        device,
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    daemon = AppliedDaemon(
+        device.layout,
         ("keyd",),
-        prefix=["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"],
+        command=[*as_nobody, sys.executable, "-m", "aziot.supervisor.main"],
     ).start()
     try:
         code, document = check(device, capsys, monkeypatch, ntp=ntp)

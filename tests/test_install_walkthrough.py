@@ -9,20 +9,19 @@ the test with the environment the unit gives it, with the paths moved under the 
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
-import signal
-import socket
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from aziot.cli.layout import Layout
 from mockcloud.cloud import Cloud
-from tests import rawhttp
+from tests.daemon import AppliedDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = {"keyd": "aziotks", "certd": "aziotcs", "identityd": "aziotid", "tpmd": "aziottpm"}
@@ -140,20 +139,6 @@ symmetric_key = {{ value = "{key}" }}
 """
 
 
-def wait_for_socket(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"aziotd exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(str(path))
-            return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"{path} never answered:\n{log.read_text()}")
-
-
 def test_config_apply_then_aziotd_provisions_the_device(installed: Path, cloud: Cloud) -> None:
     enrollment = cloud.dps.add_symmetric_enrollment("walkthrough-device")
     (installed / "etc/aziot/config.toml").write_text(super_config(cloud, enrollment.primary_key))
@@ -173,44 +158,29 @@ def test_config_apply_then_aziotd_provisions_the_device(installed: Path, cloud: 
     # has them and it trusts them (tests/test_files.py checks that).
     for service in SERVICES:
         os.chown(installed / "var/lib/aziot" / service, 0, 0)
-    run = installed / "run/aziot"
-    run.mkdir(parents=True, exist_ok=True)
-    environ = dict(
-        os.environ, AZIOT_SOCKET_DIR=str(run), SSL_CERT_FILE=str(cloud.server_ca_pem_path)
-    )
-    environ["NO_PROXY"] = "*"
-    for service in SERVICES:
-        environ[f"AZIOT_{service.upper()}_CONFIG"] = str(
-            installed / f"etc/aziot/{service}/config.toml"
-        )
-        environ[f"AZIOT_{service.upper()}_CONFIG_DIR"] = str(
-            installed / f"etc/aziot/{service}/config.d"
-        )
-    log = installed / "aziotd.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [str(installed / "opt/aziot/bin/aziotd")], env=environ, stdout=output, stderr=output
-        )
+    layout = Layout(installed, {})
+    env = {"SSL_CERT_FILE": str(cloud.server_ca_pem_path), "NO_PROXY": "*"}
+    daemon = AppliedDaemon(
+        layout, tuple(SERVICES), env=env, command=[str(installed / "opt/aziot/bin/aziotd")]
+    ).start()
     try:
-        wait_for_socket(run / "identityd.sock", process, log)
-        reply = rawhttp.request(
-            str(run / "identityd.sock"), "GET", "/identities/identity?api-version=2020-09-01"
-        )
+        reply = daemon.request("identityd", "GET", "/identities/identity")
         assert reply.status == 200, reply.body
         spec = reply.json()["spec"]
         assert spec["deviceId"] == "walkthrough-device"
         assert spec["hubName"] == cloud.hub_hostname
         # The key apply wrote for keyd is the enrollment's, and it sits where keyd reads it.
         secret = installed / "var/secrets/aziot/keyd/device-id"
+        assert secret.read_bytes() == base64.b64decode(enrollment.primary_key)
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
         status = subprocess.run(
             [aziotctl, "--root", str(installed), "system", "status"],
             capture_output=True,
             text=True,
-            env=environ,
+            env=dict(os.environ, AZIOT_SOCKET_DIR=str(layout.socket_dir)),
             timeout=60,
         )
         assert status.returncode == 0, status.stdout + status.stderr
+        assert "aziotd: running" in status.stdout
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0, log.read_text()
+        assert daemon.stop() == 0, daemon.logs()
