@@ -25,7 +25,8 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 from .certd import AutoRenew
-from .loader import ConfigError, ServicePaths, merge, read_toml, type_name
+from .loader import ServicePaths, type_name
+from .table import Locator, Table, load_merged_source, locator
 
 log = logging.getLogger(__name__)
 
@@ -188,182 +189,53 @@ class IdentitydConfig:
     endpoints: Endpoints = attrs.field(factory=Endpoints)
 
 
-class _Origins:
-    """Which file each key of a merged config came from, so a refusal can name it.
-
-    Paths are written as `_Table.name` writes them (`provisioning.attestation.method`,
-    `principal[3].name`); a key that is missing is looked up by its nearest parent.
-    """
-
-    def __init__(self) -> None:
-        self.files: dict[str, str] = {}
-        self.several = False  # more than one file contributed
-
-    def note(self, before: dict[str, Any], overlay: dict[str, Any], file: str, path: str) -> None:
-        for key, value in overlay.items():
-            where = f"{path}.{key}" if path else key
-            old = before.get(key)
-            if isinstance(old, dict) and isinstance(value, dict):
-                self.note(old, value, file, where)
-                continue
-            self.files[where] = file
-            if isinstance(value, dict):
-                self.note({}, value, file, where)
-            elif isinstance(value, list):
-                offset = len(old) if isinstance(old, list) else 0
-                for index, item in enumerate(value):
-                    self.files[f"{where}[{offset + index}]"] = file
-                    if isinstance(item, dict):
-                        self.note({}, item, file, f"{where}[{offset + index}]")
-
-    def of(self, where: str) -> str | None:
-        while where:
-            if where in self.files:
-                return self.files[where]
-            cut = max(where.rfind("."), where.rfind("["))
-            where = where[:cut] if cut > 0 else ""
-        return None
-
-
-class _Table:
-    """A TOML table being read: every key taken is remembered, so the rest can be refused.
-
-    `named(key)` is the key as an error message gives it: its dotted path and, when several
-    files were merged, the file it came from.
-    """
-
-    def __init__(self, data: Any, where: str, origins: _Origins) -> None:
-        self.where = where
-        self.origins = origins
-        if not isinstance(data, dict):
-            raise ConfigError(f"{self.here()}: expected a table, found {type_name(data)}")
-        self.data = data
-        self._taken: set[str] = set()
-
-    def name(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def named(self, key: str) -> str:
-        return self.origins_note(self.name(key))
-
-    def here(self) -> str:
-        return self.origins_note(self.where) if self.where else "the top level"
-
-    def origins_note(self, where: str) -> str:
-        file = self.origins.of(where) if self.origins.several else None
-        return f"{where} (in {file})" if file else where
-
-    def _get(self, key: str, kinds: tuple[type, ...], expected: str) -> Any:
-        self._taken.add(key)
-        value = self.data.get(key)
-        if value is None:
-            return None
-        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            raise ConfigError(f"{self.named(key)}: expected {expected}, found {type_name(value)}")
-        return value
-
-    def string(self, key: str) -> str | None:
-        value: str | None = self._get(key, (str,), "a string")
-        return value
-
-    def required_string(self, key: str, what: str) -> str:
-        value = self.string(key)
-        if value is None:
-            raise ConfigError(f"{self.named(key)} is missing ({what})")
-        if not value:
-            raise ConfigError(f"{self.named(key)} is empty ({what})")
-        return value
-
-    def integer(self, key: str, low: int, high: int | None = None) -> int | None:
-        value: int | None = self._get(key, (int,), "an integer")
-        if value is not None and (value < low or (high is not None and value > high)):
-            bound = f"at least {low}" if high is None else f"from {low} to {high}"
-            raise ConfigError(f"{self.named(key)}: {value} is out of range (must be {bound})")
-        return value
-
-    def boolean(self, key: str) -> bool | None:
-        value: bool | None = self._get(key, (bool,), "true or false")
-        return value
-
-    def table(self, key: str) -> _Table | None:
-        value = self._get(key, (dict,), "a table")
-        return None if value is None else _Table(value, self.name(key), self.origins)
-
-    def required_table(self, key: str, what: str) -> _Table:
-        table = self.table(key)
-        if table is None:
-            raise ConfigError(f"{self.named(key)} is missing ({what})")
-        return table
-
-    def choice(self, key: str, choices: tuple[str, ...]) -> str:
-        value = self.string(key)
-        if value not in choices:
-            found = "nothing" if value is None else repr(value)
-            raise ConfigError(
-                f"{self.named(key)}: expected one of {', '.join(map(repr, choices))}, found {found}"
-            )
-        return value
-
-    def take(self, key: str) -> None:
-        self._taken.add(key)
-
-    def refuse_others(self, known: str) -> None:
-        unknown = sorted(set(self.data) - self._taken)
-        if unknown:
-            names = ", ".join(self.named(k) for k in unknown)
-            raise ConfigError(f"unknown key {names}; known here: {known}")
-
-
-def _csr_subject(table: _Table, key: str) -> CsrSubject | None:
+def _csr_subject(table: Table, key: str) -> CsrSubject | None:
     """A `CsrSubject`: a string (the CN) or a table of names that must hold a CN."""
-    table.take(key)
-    value = table.data.get(key)
+    value = table.take(key)
     if value is None:
         return None
     if isinstance(value, str):
         if not value:
-            raise ConfigError(f"{table.named(key)} is empty (the common name)")
+            raise table.error(key, "is empty: expected the common name")
         return CsrSubject(value)
     if not isinstance(value, dict):
-        raise ConfigError(
-            f"{table.named(key)}: expected a common name (a string) or a subject table "
-            f'(e.g. {{ CN = "…", O = "…" }}), found {type_name(value)}'
+        raise table.error(
+            key,
+            "expected a common name (a string) or a subject table "
+            f'(e.g. {{ CN = "…", O = "…" }}), found {type_name(value)}',
         )
-    subject = _Table(value, table.name(key), table.origins)
+    subject = Table(value, table.name(key), table.source)
     names: dict[str, str] = {}
     for name in subject.data:
         text = subject.string(name)
         assert text is not None
         upper = name.upper()
         if upper in names:
-            raise ConfigError(
-                f"{subject.named(name)}: {upper} is given twice (names are not case-sensitive)"
-            )
+            raise subject.error(name, f"{upper} is given twice (names are not case-sensitive)")
         names[upper] = text
     cn = names.pop("CN", None)
     if cn is None:
-        raise ConfigError(f"{table.named(key)}: a subject table needs CN (the common name)")
+        raise table.error(key, "a subject table needs CN (the common name)")
     if not cn:
-        raise ConfigError(f"{table.named(key)}: CN is empty")
+        raise table.error(key, "CN is empty")
     return CsrSubject(cn, dict(sorted(names.items())))
 
 
-def _auto_renew(table: _Table) -> AutoRenew:
-    rotate = table.boolean("rotate_key")
-    if rotate is None:
-        raise ConfigError(f"{table.named('rotate_key')} is missing (true or false)")
+def _auto_renew(table: Table) -> AutoRenew:
+    rotate = table.required_boolean("rotate_key")
     threshold = table.required_string("threshold", 'a renewal policy, e.g. "80%"')
     retry = table.required_string("retry", 'a retry policy, e.g. "4%"')
-    table.refuse_others("rotate_key, threshold, retry")
+    table.refuse_others(("rotate_key", "threshold", "retry"))
     return AutoRenew(rotate, threshold, retry)
 
 
-def _manual(table: _Table) -> Manual:
-    if "connection_string" in table.data:
-        raise ConfigError(
-            f"{table.named('connection_string')}: identityd does not read connection strings; "
-            "put it in the super-config (/etc/aziot/config.toml) and run "
-            "`aziotctl config apply`, which stores the key in keyd and writes device_id_pk"
+def _manual(table: Table) -> Manual:
+    if table.has("connection_string"):
+        raise table.error(
+            "connection_string",
+            "identityd does not read connection strings; put it in the super-config "
+            "(/etc/aziot/config.toml) and run `aziotctl config apply`, which stores the key in "
+            "keyd and writes device_id_pk",
         )
     hub = table.required_string("iothub_hostname", "the IoT Hub's host name")
     device_id = table.required_string("device_id", "the device id in the IoT Hub")
@@ -372,46 +244,47 @@ def _manual(table: _Table) -> Manual:
     authentication: ManualSas | ManualX509
     if method == "sas":
         authentication = ManualSas(auth.required_string("device_id_pk", "a keyd key id"))
-        auth.refuse_others('method, device_id_pk (for method = "sas")')
+        auth.refuse_others(("method", "device_id_pk"), 'for method = "sas"')
     else:
         authentication = ManualX509(
             auth.required_string("identity_cert", "a certd cert id"),
             auth.required_string("identity_pk", "a keyd key id"),
             _csr_subject(auth, "csr_subject"),
         )
-        auth.refuse_others('method, identity_cert, identity_pk, csr_subject (for method = "x509")')
+        auth.refuse_others(
+            ("method", "identity_cert", "identity_pk", "csr_subject"), 'for method = "x509"'
+        )
     table.refuse_others(
-        "source, local_gateway_hostname, iothub_hostname, device_id, authentication "
-        '(for source = "manual")'
+        ("source", "local_gateway_hostname", "iothub_hostname", "device_id", "authentication"),
+        'for source = "manual"',
     )
     return Manual(hub, device_id, authentication)
 
 
-def _http_url(table: _Table, key: str) -> str:
+def _http_url(table: Table, key: str) -> str:
     value = table.required_string(key, "the DPS endpoint URL")
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.netloc:
-        raise ConfigError(f"{table.named(key)}: {value!r} is not an http:// or https:// URL")
+        raise table.error(key, f"{value!r} is not an http:// or https:// URL")
     return value
 
 
-def _payload(table: _Table) -> Payload:
+def _payload(table: Table) -> Payload:
     uri = table.required_string("uri", "a file:// URI of a JSON file")
     parts = urlsplit(uri)
     if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path:
-        raise ConfigError(
-            f"{table.named('uri')}: {uri!r} is not a file:// URI of a local file "
-            "(the only kind of payload)"
+        raise table.error(
+            "uri", f"{uri!r} is not a file:// URI of a local file (the only kind of payload)"
         )
-    table.refuse_others("uri")
+    table.refuse_others(("uri",))
     return Payload(uri)
 
 
-def _dps(table: _Table) -> Dps:
-    if "id_scope" in table.data:
-        raise ConfigError(
-            f"{table.named('id_scope')}: identityd's config spells it scope_id "
-            "(id_scope is the super-config's name)"
+def _dps(table: Table) -> Dps:
+    if table.has("id_scope"):
+        raise table.error(
+            "id_scope",
+            "identityd's config spells it scope_id (id_scope is the super-config's name)",
         )
     endpoint = _http_url(table, "global_endpoint")
     scope_id = table.required_string("scope_id", "the DPS ID scope")
@@ -427,7 +300,9 @@ def _dps(table: _Table) -> Dps:
             att.required_string("registration_id", "the DPS registration id"),
             att.required_string("symmetric_key", "a keyd key id"),
         )
-        att.refuse_others('method, registration_id, symmetric_key (for method = "symmetric_key")')
+        att.refuse_others(
+            ("method", "registration_id", "symmetric_key"), 'for method = "symmetric_key"'
+        )
     elif method == "x509":
         cert = att.required_string("identity_cert", "a certd cert id")
         pk = att.required_string("identity_pk", "a keyd key id")
@@ -437,25 +312,32 @@ def _dps(table: _Table) -> Dps:
             cert, pk, registration_id, None if renew is None else _auto_renew(renew)
         )
         att.refuse_others(
-            "method, identity_cert, identity_pk, registration_id, identity_auto_renew "
-            '(for method = "x509")'
+            ("method", "identity_cert", "identity_pk", "registration_id", "identity_auto_renew"),
+            'for method = "x509"',
         )
     else:
         attestation = TpmAttestation(
             att.required_string("registration_id", "the DPS registration id")
         )
-        att.refuse_others('method, registration_id (for method = "tpm")')
+        att.refuse_others(("method", "registration_id"), 'for method = "tpm"')
     table.refuse_others(
-        "source, local_gateway_hostname, global_endpoint, scope_id, payload, attestation "
-        '(for source = "dps")'
+        (
+            "source",
+            "local_gateway_hostname",
+            "global_endpoint",
+            "scope_id",
+            "payload",
+            "attestation",
+        ),
+        'for source = "dps"',
     )
     return Dps(endpoint, scope_id, attestation, payload)
 
 
-def _provisioning(table: _Table) -> Provisioning:
+def _provisioning(table: Table) -> Provisioning:
     gateway = table.string("local_gateway_hostname")
     if gateway == "":
-        raise ConfigError(f"{table.named('local_gateway_hostname')} is empty")
+        raise table.error("local_gateway_hostname", "is empty: expected the gateway's host name")
     source = table.choice("source", ("manual", "dps", "none"))
     kind: Manual | Dps | NoProvisioning
     if source == "manual":
@@ -464,39 +346,38 @@ def _provisioning(table: _Table) -> Provisioning:
         if gateway is not None:
             # The original accepts this file and then refuses to provision
             # (DpsNotSupportedInNestedMode); aziotctl refuses it at apply time.
-            raise ConfigError(
-                f"{table.named('local_gateway_hostname')}: DPS provisioning is not supported "
-                'in nested mode; use source = "manual" behind a gateway'
+            raise table.error(
+                "local_gateway_hostname",
+                'DPS provisioning is not supported in nested mode; use source = "manual" '
+                "behind a gateway",
             )
         kind = _dps(table)
     else:
         kind = NoProvisioning()
-        table.refuse_others('source, local_gateway_hostname (for source = "none")')
+        table.refuse_others(("source", "local_gateway_hostname"), 'for source = "none"')
     return Provisioning(kind, gateway)
 
 
-def _principal(entry: _Table) -> Principal:
+def _idtype(entry: Table) -> list[str] | None:
+    raw = entry.take("idtype")
+    if raw is None:
+        return None
+    expected = f"expected an array of {', '.join(map(repr, ID_TYPES))}"
+    if not isinstance(raw, list):
+        raise entry.error("idtype", f"{expected}, found {type_name(raw)}")
+    for item in raw:
+        if item not in ID_TYPES:
+            shown = repr(item) if isinstance(item, str) else type_name(item)
+            raise entry.error("idtype", f"{expected}, found {shown}")
+    return list(raw)
+
+
+def _principal(entry: Table) -> Principal:
     uid = entry.integer("uid", 0, U32_MAX)
     if uid is None:
-        raise ConfigError(f"{entry.named('uid')} is missing (a uid, 0 to {U32_MAX})")
+        raise entry.error("uid", f"is missing: expected a uid, 0 to {U32_MAX}")
     name = entry.required_string("name", "the module or host process name")
-    idtype = None
-    entry.take("idtype")
-    raw = entry.data.get("idtype")
-    if raw is not None:
-        if not isinstance(raw, list):
-            raise ConfigError(
-                f"{entry.named('idtype')}: expected an array of "
-                f"{', '.join(map(repr, ID_TYPES))}, found {type_name(raw)}"
-            )
-        for item in raw:
-            if item not in ID_TYPES:
-                shown = repr(item) if isinstance(item, str) else type_name(item)
-                raise ConfigError(
-                    f"{entry.named('idtype')}: expected an array of "
-                    f"{', '.join(map(repr, ID_TYPES))}, found {shown}"
-                )
-        idtype = list(raw)
+    idtype = _idtype(entry)
     opts_table = entry.table("localid")
     localid = None
     if opts_table is not None:
@@ -504,76 +385,104 @@ def _principal(entry: _Table) -> Principal:
         attributes = opts_table.string("attributes")
         attributes = "client" if attributes is None else attributes
         if attributes not in LOCALID_ATTRIBUTES:
-            raise ConfigError(
-                f"{opts_table.named('attributes')}: expected one of "
-                f"{', '.join(map(repr, LOCALID_ATTRIBUTES))}, found {attributes!r}"
+            raise opts_table.error(
+                "attributes",
+                f"expected one of {', '.join(map(repr, LOCALID_ATTRIBUTES))}, found {attributes!r}",
             )
-        opts_table.refuse_others("type, attributes")
+        opts_table.refuse_others(("type", "attributes"))
         localid = LocalIdOpts(kind, attributes)
-    entry.refuse_others("uid, name, idtype, localid")
+    entry.refuse_others(("uid", "name", "idtype", "localid"))
     return Principal(uid, name, idtype, localid)
 
 
-def _check(top: _Table, config: IdentitydConfig) -> None:
-    """The original's `Settings::check`, with both principals of a clash named."""
+def _check(source: Locator, config: IdentitydConfig) -> None:
+    """The original's `Settings::check`, with both principals of a clash named (and where)."""
+
+    def principal(index: int) -> str:
+        return f"principal[{index}] ({source.where(f'principal[{index}]')})"
+
     seen: dict[str, int] = {}
     by_uid: dict[int, int] = {}
     for index, p in enumerate(config.principal):
-        here = top.origins_note(f"principal[{index}]")
+        here = f"principal[{index}]"
         if p.name in seen:
-            first = top.origins_note(f"principal[{seen[p.name]}]")
-            raise ConfigError(f"{here}.name: duplicate module name {p.name!r} (also {first})")
+            raise source.error(
+                f"{here}.name",
+                f"duplicate module name {p.name!r} (also {principal(seen[p.name])})",
+            )
         seen[p.name] = index
         if p.uid in by_uid:
             # The original keys its principal map by uid, so the later entry silently replaces
             # the earlier one: a caller loses the identity its first entry gave. Refused here.
-            first = top.origins_note(f"principal[{by_uid[p.uid]}]")
-            raise ConfigError(
-                f"{here}.uid: uid {p.uid} already has a principal ({first}); one principal per uid"
+            raise source.error(
+                f"{here}.uid",
+                f"uid {p.uid} already has a principal ({principal(by_uid[p.uid])}); "
+                "one principal per uid",
             )
         by_uid[p.uid] = index
         if p.idtype is None:
             if p.localid is not None:
                 # The original accepts this and ignores the options (only typed principals are
                 # checked); an untyped principal has no local identity, so here it is refused.
-                raise ConfigError(
-                    f"{here}.localid: local identity options need idtype to include 'local' "
-                    f"(principal {p.name!r} has no idtype)"
+                raise source.error(
+                    f"{here}.localid",
+                    "local identity options need idtype to include 'local' "
+                    f"(principal {p.name!r} has no idtype)",
                 )
             continue
         if "local" in p.idtype:
             if config.localid is None:
-                raise ConfigError(
-                    f"{here}.idtype: principal {p.name!r} has the 'local' id type, which needs "
-                    '[localid] with domain = "…"'
+                raise source.error(
+                    f"{here}.idtype",
+                    f"principal {p.name!r} has the 'local' id type, which needs "
+                    '[localid] with domain = "…"',
                 )
         elif p.localid is not None:
-            raise ConfigError(
-                f"{here}.localid: local identity options specified for non-local identity "
-                f"{p.name!r} (idtype has no 'local')"
+            raise source.error(
+                f"{here}.localid",
+                f"local identity options specified for non-local identity {p.name!r} "
+                "(idtype has no 'local')",
             )
         if config.provisioning.source == "none" and ("module" in p.idtype or "device" in p.idtype):
-            raise ConfigError(
-                f"{here}.idtype: principal {p.name!r}: module or device identity requires "
-                'provisioning with IoT Hub (provisioning.source is "none")'
+            raise source.error(
+                f"{here}.idtype",
+                f"principal {p.name!r}: module or device identity requires "
+                'provisioning with IoT Hub (provisioning.source is "none")',
             )
 
 
-def _endpoints(table: _Table) -> Endpoints:
+ENDPOINT_KEYS = ("aziot_certd", "aziot_identityd", "aziot_keyd", "aziot_tpmd")
+
+
+def _endpoints(table: Table) -> Endpoints:
     values = {}
-    for key in ("aziot_certd", "aziot_identityd", "aziot_keyd", "aziot_tpmd"):
+    for key in ENDPOINT_KEYS:
         value = table.string(key)
         if value is not None and urlsplit(value).scheme not in ENDPOINT_SCHEMES:
-            raise ConfigError(
-                f"{table.named(key)}: {value!r} is not a unix://, http:// or fd:// connector URI"
-            )
+            raise table.error(key, f"{value!r} is not a unix://, http:// or fd:// connector URI")
         values[key] = value
-    table.refuse_others("aziot_certd, aziot_identityd, aziot_keyd, aziot_tpmd")
+    table.refuse_others(ENDPOINT_KEYS)
     return Endpoints(**values)
 
 
-def _parse(data: dict[str, Any], origins: _Origins) -> IdentitydConfig:
-    top = _Table(data, "", origins)
+TOP_KEYS = (
+    "hostname",
+    "homedir",
+    "prefer_module_identity_cache",
+    "max_requests",
+    "cloud_timeout_sec",
+    "cloud_retries",
+    "provisioning",
+    "principal",
+    "localid",
+    "endpoints",
+)
+
+
+def parse_identityd(data: dict[str, Any], source: str | Locator) -> IdentitydConfig:
+    """Parse and check one already-merged table; `source` is the file name errors start with,
+    or where each key came from (`table.load_merged_source`)."""
+    top = Table(data, "", locator(source))
     hostname = top.required_string("hostname", "the device's host name")
     homedir = top.required_string("homedir", "where identityd keeps its state")
     prefer_cache = top.boolean("prefer_module_identity_cache")
@@ -583,31 +492,32 @@ def _parse(data: dict[str, Any], origins: _Origins) -> IdentitydConfig:
     provisioning = _provisioning(
         top.required_table("provisioning", 'source = "manual", "dps" or "none"')
     )
-    top.take("principal")
-    raw_principals = data.get("principal", [])
+    raw_principals = top.take("principal")
+    raw_principals = [] if raw_principals is None else raw_principals
     if not isinstance(raw_principals, list):
-        raise ConfigError(
-            f"{top.named('principal')}: expected an array of tables ([[principal]]), "
-            f"found {type_name(raw_principals)}"
+        raise top.error(
+            "principal",
+            f"expected an array of tables ([[principal]]), found {type_name(raw_principals)}",
         )
     principals = [
-        _principal(_Table(raw, f"principal[{index}]", origins))
+        _principal(Table(raw, f"principal[{index}]", top.source))
         for index, raw in enumerate(raw_principals)
     ]
     localid_table = top.table("localid")
     localid = None
     if localid_table is not None:
         localid = LocalId(localid_table.required_string("domain", "suffix of local id names"))
-        localid_table.refuse_others("domain")
+        localid_table.refuse_others(("domain",))
     endpoints_table = top.table("endpoints")
     endpoints = Endpoints() if endpoints_table is None else _endpoints(endpoints_table)
     for legacy in LEGACY_TABLES:
         if top.table(legacy) is not None:
-            log.warning("%s: ignored (a key of old identityd configs)", top.named(legacy))
-    top.refuse_others(
-        "hostname, homedir, prefer_module_identity_cache, max_requests, cloud_timeout_sec, "
-        "cloud_retries, provisioning, principal, localid, endpoints"
-    )
+            log.warning(
+                "%s: %s: ignored (a key of old identityd configs)",
+                top.source.where(legacy),
+                legacy,
+            )
+    top.refuse_others(TOP_KEYS)
     config = IdentitydConfig(
         hostname=hostname,
         homedir=Path(homedir),
@@ -620,45 +530,14 @@ def _parse(data: dict[str, Any], origins: _Origins) -> IdentitydConfig:
         localid=localid,
         endpoints=endpoints,
     )
-    _check(top, config)
+    _check(top.source, config)
     return config
-
-
-def parse_identityd(data: dict[str, Any], source: str) -> IdentitydConfig:
-    """Parse and check one already-merged table; errors start with `source`."""
-    return _parse_named(data, source, _Origins())
-
-
-def _parse_named(data: dict[str, Any], source: str, origins: _Origins) -> IdentitydConfig:
-    try:
-        return _parse(data, origins)
-    except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
 
 
 def load_identityd(paths: ServicePaths) -> IdentitydConfig:
     """config.toml merged with config.d/*.toml (as `loader.load_merged`), then parsed and checked.
 
-    When more than one file contributed, a refusal names the file each key came from.
+    A refusal names the file (base or drop-in) and line each key came from.
     """
-    files = [paths.config_file] if paths.config_file.is_file() else []
-    if paths.config_dir.is_dir():
-        files += [
-            path
-            for path in sorted(paths.config_dir.iterdir())
-            if path.suffix == ".toml" and path.is_file()
-        ]
-    origins = _Origins()
-    table: dict[str, Any] = {}
-    for path in files:
-        overlay = read_toml(path)
-        origins.note(table, overlay, str(path), "")
-        table = merge(table, overlay)
-    origins.several = len(files) > 1
-    if not files:
-        source = f"{paths.config_file} (missing)"
-    elif len(files) == 1:
-        source = str(files[0])
-    else:
-        source = f"{paths.config_file} (+ {paths.config_dir}/*.toml)"
-    return _parse_named(table, source, origins)
+    source = load_merged_source(paths)
+    return parse_identityd(source.data, source)

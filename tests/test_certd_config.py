@@ -27,6 +27,7 @@ from aziot.config.certd import (
     parse_certd,
 )
 from aziot.config.loader import ConfigError, ServicePaths
+from aziot.config.table import Source
 from aziot.supervisor.services.certd import check_certd, load_checked
 from tests.certd_world import certd_config, start_certd
 from tests.daemon import Daemon, keyd_config
@@ -333,6 +334,30 @@ def test_a_refusal_from_the_file_names_its_path(tmp_path: Path) -> None:
         load_certd(paths)
 
 
+def test_a_drop_in_principal_is_named_by_its_merged_index_and_its_own_line(
+    tmp_path: Path,
+) -> None:
+    paths = paths_in(tmp_path)
+    paths.config_file.write_text(HOME + "[[principal]]\nuid = 1\ncerts = ['a']\n")
+    (paths.config_dir / "10-more.toml").write_text(
+        "[[principal]]\nuid = 2\ncerts = ['b']\n\n[[principal]]\nuid = 3\ncertz = ['c']\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_certd(paths)
+    # The third principal of the merged config is the drop-in's second, whose header is on
+    # line 5 of that file.
+    assert str(caught.value).startswith(
+        f"{paths.config_dir / '10-more.toml'}:5: principal[2].certs: is missing"
+    )
+
+
+def test_a_refusal_of_a_text_names_the_line() -> None:
+    text = HOME + 'max_requests = 4\n[cert_issuance]\nx = { method = "local_ca", expiry = 5 }\n'
+    with pytest.raises(ConfigError) as caught:
+        parse_certd(tomli.loads(text), Source(SOURCE, text))
+    assert str(caught.value).startswith(f"{SOURCE}:4: cert_issuance.x.expiry: unknown key")
+
+
 def test_an_unknown_subject_attribute_from_the_file_names_it(tmp_path: Path) -> None:
     paths = paths_in(tmp_path)
     paths.config_file.write_text(
@@ -584,6 +609,7 @@ REFUSALS = [
     ("[[principal]]\ncerts = ['a']\n", "principal[0].uid: expected a uid"),
     ("[[principal]]\nuid = 1\n", "principal[0].certs: is missing"),
     ("[principal]\nuid = 1\ncerts = []\n", "principal: expected an array of tables"),
+    ("principal = 0\n", "principal: expected an array of tables"),
     ("principal = [1]\n", "principal[0]: expected a table, found an integer"),
     ("[endpoints]\naziot_certd = 5\n", "endpoints.aziot_certd: expected a string"),
     # EST URLs must be http(s) URLs with a host.

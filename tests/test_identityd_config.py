@@ -36,6 +36,7 @@ from aziot.config.identityd import (
     parse_identityd,
 )
 from aziot.config.loader import ConfigError, ServicePaths
+from aziot.config.table import Source
 
 SOURCE = "/etc/aziot/identityd/config.toml"
 HOMEDIR = Path("/var/lib/aziot/identityd")
@@ -537,12 +538,12 @@ def test_dps_in_nested_mode_refused() -> None:
     ("text", "named"),
     [
         # top level
-        (GOOD_SAS_CONFIG.replace('hostname = "iotedge"\n', ""), "hostname is missing"),
+        (GOOD_SAS_CONFIG.replace('hostname = "iotedge"\n', ""), "hostname: is missing"),
         (
             GOOD_SAS_CONFIG.replace('homedir = "/var/lib/aziot/identityd"\n', ""),
-            "homedir is missing",
+            "homedir: is missing",
         ),
-        (HEAD, "provisioning is missing"),
+        (HEAD, "provisioning: is missing"),
         ("hostname = 5\n" + GOOD_SAS_CONFIG.split("\n", 2)[2], "hostname: expected a string"),
         ("cloud_timeout_sec = 69\n" + GOOD_SAS_CONFIG, "cloud_timeout_sec: 69 is out of range"),
         ('cloud_timeout_sec = "70"\n' + GOOD_SAS_CONFIG, "cloud_timeout_sec: expected an integer"),
@@ -553,30 +554,33 @@ def test_dps_in_nested_mode_refused() -> None:
             'prefer_module_identity_cache = "yes"\n' + GOOD_SAS_CONFIG,
             "prefer_module_identity_cache: expected true or false",
         ),
-        ("cloud_timeout = 100\n" + GOOD_SAS_CONFIG, "unknown key cloud_timeout"),
+        ("cloud_timeout = 100\n" + GOOD_SAS_CONFIG, "cloud_timeout: unknown key"),
         ("principal = 5\n" + GOOD_SAS_CONFIG, "principal: expected an array of tables"),
-        (GOOD_SAS_CONFIG + "[localid]\n", "localid.domain is missing"),
-        (GOOD_SAS_CONFIG + '[localid]\ndomain = "d"\ndomian = "d"\n', "unknown key localid.domian"),
+        (GOOD_SAS_CONFIG + "[localid]\n", "localid.domain: is missing"),
+        (
+            GOOD_SAS_CONFIG + '[localid]\ndomain = "d"\ndomian = "d"\n',
+            "localid.domian: unknown key",
+        ),
         (GOOD_SAS_CONFIG + '[endpoints]\naziot_keyd = "/run/keyd.sock"\n', "endpoints.aziot_keyd"),
         (
             GOOD_SAS_CONFIG + '[endpoints]\naziot_keys = "unix:///k"\n',
-            "unknown key endpoints.aziot_keys",
+            "endpoints.aziot_keys: unknown key",
         ),
         (GOOD_SAS_CONFIG + "[connect]\napi_uri = 5\n", None),  # legacy, ignored
         ("connect = 5\n" + GOOD_SAS_CONFIG, "connect: expected a table"),
         # provisioning
         (
             GOOD_SAS_CONFIG.replace('source = "manual"\n', ""),
-            "provisioning.source: expected one of",
+            "provisioning.source: is missing: expected one of",
         ),
         (GOOD_SAS_CONFIG.replace('"manual"', '"Manual"'), "provisioning.source: expected one of"),
         (
             GOOD_SAS_CONFIG.replace('"manual"', '"none"'),
-            "unknown key provisioning.authentication, provisioning.device_id, provisioning.iothub_hostname",
+            "provisioning.authentication: unknown key (and provisioning.device_id, provisioning.iothub_hostname)",
         ),
         (
             GOOD_SAS_CONFIG.replace('device_id = "deviceid"', 'device_id = ""'),
-            "provisioning.device_id is empty",
+            "provisioning.device_id: is empty",
         ),
         (
             GOOD_SAS_CONFIG.replace('device_id = "deviceid"', "device_id = 1"),
@@ -584,11 +588,11 @@ def test_dps_in_nested_mode_refused() -> None:
         ),
         (
             GOOD_SAS_CONFIG.replace('iothub_hostname = "hubname"\n', ""),
-            "provisioning.iothub_hostname is missing",
+            "provisioning.iothub_hostname: is missing",
         ),
         (
             GOOD_SAS_CONFIG.replace('hubname"', 'hubname"\nhub_name = "x"'),
-            "unknown key provisioning.hub_name",
+            "provisioning.hub_name: unknown key",
         ),
         (
             GOOD_SAS_CONFIG.replace(
@@ -609,15 +613,15 @@ def test_dps_in_nested_mode_refused() -> None:
             GOOD_SAS_CONFIG.replace(
                 'device_id_pk = "sas"', 'device_id_pk = "sas"\nidentity_cert = "c"'
             ),
-            "unknown key provisioning.authentication.identity_cert",
+            "provisioning.authentication.identity_cert: unknown key",
         ),
         (
             HEAD + MANUAL_SAS.split("[provisioning.authentication]")[0],
-            "provisioning.authentication is missing",
+            "provisioning.authentication: is missing",
         ),
         (
             APPLY_MANUAL_X509.replace('identity_pk = "device-id"\n', ""),
-            "provisioning.authentication.identity_pk is missing",
+            "provisioning.authentication.identity_pk: is missing",
         ),
         (
             APPLY_MANUAL_X509 + 'csr_subject = { L = "AQ" }\n',
@@ -648,7 +652,10 @@ def test_dps_in_nested_mode_refused() -> None:
             GOOD_DPS_CONFIG.replace('"scope_id"', '"id_scope"'),
             "provisioning.id_scope: identityd's config spells it scope_id",
         ),
-        (GOOD_DPS_CONFIG.replace('"scope_id" = "scope"\n', ""), "provisioning.scope_id is missing"),
+        (
+            GOOD_DPS_CONFIG.replace('"scope_id" = "scope"\n', ""),
+            "provisioning.scope_id: is missing",
+        ),
         (
             GOOD_DPS_WITH_PAYLOAD.replace("file:///tmp", "https://example.com"),
             "provisioning.payload.uri: 'https://example.com/complex_payload.json' is not a file:// URI",
@@ -659,7 +666,7 @@ def test_dps_in_nested_mode_refused() -> None:
         ),
         (
             GOOD_DPS_WITH_PAYLOAD.replace('uri = "file', 'url = "file'),
-            "provisioning.payload.uri is missing",
+            "provisioning.payload.uri: is missing",
         ),
         (
             GOOD_DPS_WITH_PAYLOAD.replace(
@@ -670,11 +677,11 @@ def test_dps_in_nested_mode_refused() -> None:
         ),
         (
             GOOD_DPS_WITH_PAYLOAD.replace('.json" }', '.json", extra = 1 }'),
-            "unknown key provisioning.payload.extra",
+            "provisioning.payload.extra: unknown key",
         ),
         (
             GOOD_DPS_CONFIG.split("[provisioning.attestation]")[0],
-            "provisioning.attestation is missing",
+            "provisioning.attestation: is missing",
         ),
         (
             GOOD_DPS_CONFIG.replace('method = "symmetric_key"', 'method = "sas"'),
@@ -682,7 +689,7 @@ def test_dps_in_nested_mode_refused() -> None:
         ),
         (
             GOOD_DPS_CONFIG.replace('registration_id = "regid"\n', ""),
-            "provisioning.attestation.registration_id is missing",
+            "provisioning.attestation.registration_id: is missing",
         ),
         (
             GOOD_DPS_CONFIG.replace('symmetric_key = "dps"', 'symmetric_key = { value = "abc=" }'),
@@ -692,11 +699,11 @@ def test_dps_in_nested_mode_refused() -> None:
             GOOD_DPS_CONFIG.replace(
                 'symmetric_key = "dps"', 'symmetric_key = "dps"\nregistraton_id = "x"'
             ),
-            "unknown key provisioning.attestation.registraton_id",
+            "provisioning.attestation.registraton_id: unknown key",
         ),
         (
             APPLY_DPS_TPM + 'identity_cert = "c"\n',
-            "unknown key provisioning.attestation.identity_cert",
+            "provisioning.attestation.identity_cert: unknown key",
         ),
         (
             APPLY_DPS_TPM.replace(
@@ -706,15 +713,15 @@ def test_dps_in_nested_mode_refused() -> None:
         ),
         (
             APPLY_DPS_X509_AUTO_RENEW.replace("rotate_key = false\n", ""),
-            "provisioning.attestation.identity_auto_renew.rotate_key is missing",
+            "provisioning.attestation.identity_auto_renew.rotate_key: is missing",
         ),
         (
             APPLY_DPS_X509_AUTO_RENEW.replace('threshold = "50%"\n', ""),
-            "provisioning.attestation.identity_auto_renew.threshold is missing",
+            "provisioning.attestation.identity_auto_renew.threshold: is missing",
         ),
         (
             APPLY_DPS_X509_AUTO_RENEW.replace('retry = "10%"\n', ""),
-            "provisioning.attestation.identity_auto_renew.retry is missing",
+            "provisioning.attestation.identity_auto_renew.retry: is missing",
         ),
         (
             APPLY_DPS_X509_AUTO_RENEW.replace('retry = "10%"', "retry = 10"),
@@ -722,14 +729,14 @@ def test_dps_in_nested_mode_refused() -> None:
         ),
         (
             APPLY_DPS_X509_AUTO_RENEW + "rotate = true\n",
-            "unknown key provisioning.attestation.identity_auto_renew.rotate",
+            "provisioning.attestation.identity_auto_renew.rotate: unknown key",
         ),
         (
             APPLY_DPS_X509_AUTO_RENEW.replace('CN = "my-device"\n', ""),
             "provisioning.attestation.registration_id: a subject table needs CN",
         ),
         # principals
-        (GOOD_SAS_CONFIG + '[[principal]]\nname = "m"\n', "principal[0].uid is missing"),
+        (GOOD_SAS_CONFIG + '[[principal]]\nname = "m"\n', "principal[0].uid: is missing"),
         (
             GOOD_SAS_CONFIG + '[[principal]]\nuid = -1\nname = "m"\n',
             "principal[0].uid: -1 is out of range",
@@ -742,7 +749,7 @@ def test_dps_in_nested_mode_refused() -> None:
             GOOD_SAS_CONFIG + '[[principal]]\nuid = "1000"\nname = "m"\n',
             "principal[0].uid: expected an integer",
         ),
-        (GOOD_SAS_CONFIG + "[[principal]]\nuid = 1\n", "principal[0].name is missing"),
+        (GOOD_SAS_CONFIG + "[[principal]]\nuid = 1\n", "principal[0].name: is missing"),
         (
             GOOD_SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nidtype = "module"\n',
             "principal[0].idtype: expected an array",
@@ -757,12 +764,12 @@ def test_dps_in_nested_mode_refused() -> None:
         ),
         (
             GOOD_SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nid_type = ["module"]\n',
-            "unknown key principal[0].id_type",
+            "principal[0].id_type: unknown key",
         ),
         (
             GOOD_SAS_CONFIG
             + '[localid]\ndomain = "d"\n[[principal]]\nuid = 1\nname = "m"\nidtype = ["local"]\nlocalid = { attributes = "server" }\n',
-            "principal[0].localid.type: expected one of 'x509', found nothing",
+            "principal[0].localid.type: is missing: expected one of 'x509'",
         ),
         (
             GOOD_SAS_CONFIG
@@ -772,11 +779,11 @@ def test_dps_in_nested_mode_refused() -> None:
         (
             GOOD_SAS_CONFIG
             + '[localid]\ndomain = "d"\n[[principal]]\nuid = 1\nname = "m"\nidtype = ["local"]\nlocalid = { type = "x509", attribute = "server" }\n',
-            "unknown key principal[0].localid.attribute",
+            "principal[0].localid.attribute: unknown key",
         ),
         (
             GOOD_SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\ncerts = ["x"]\n',
-            "unknown key principal[0].certs",
+            "principal[0].certs: unknown key",
         ),
     ],
 )
@@ -846,10 +853,12 @@ def test_config_d_refusal_names_the_file(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError) as caught:
         load_identityd(paths)
-    message = str(caught.value)
-    assert message.startswith(f"{paths.config_file} (+ {paths.config_dir}/*.toml): ")
-    assert f"principal[2] (in {paths.config_dir / '60-b.toml'}).name" in message
-    assert f"also principal[0] (in {paths.config_file})" in message
+    # Each principal where its file has it: the third is the drop-in's first, on its line 1.
+    first_line = GOOD_SAS_CONFIG.count("\n") + 1
+    assert str(caught.value) == (
+        f"{paths.config_dir / '60-b.toml'}:3: principal[2].name: duplicate module name 'm' "
+        f"(also principal[0] ({paths.config_file}:{first_line}))"
+    )
 
 
 def test_config_d_unknown_key_names_the_file(tmp_path: Path) -> None:
@@ -858,22 +867,40 @@ def test_config_d_unknown_key_names_the_file(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError) as caught:
         load_identityd(paths)
-    assert f"provisioning.device_idd (in {paths.config_dir / '50-typo.toml'})" in str(caught.value)
+    assert str(caught.value).startswith(
+        f"{paths.config_dir / '50-typo.toml'}:2: provisioning.device_idd: unknown key"
+    )
 
 
 def test_config_d_missing_key_names_the_table_file(tmp_path: Path) -> None:
     paths = write_paths(tmp_path, HEAD, {"50-p.toml": '[provisioning]\nsource = "manual"\n'})
     with pytest.raises(ConfigError) as caught:
         load_identityd(paths)
-    expected = f"provisioning.iothub_hostname (in {paths.config_dir / '50-p.toml'}) is missing"
-    assert expected in str(caught.value)
+    # Placed at the table the drop-in gave, in that file.
+    expected = f"{paths.config_dir / '50-p.toml'}:1: provisioning.iothub_hostname: is missing"
+    assert str(caught.value).startswith(expected)
 
 
 def test_single_file_refusal_names_it(tmp_path: Path) -> None:
     paths = write_paths(tmp_path, "cloud_timeout_sec = 10\n" + GOOD_SAS_CONFIG, {})
     with pytest.raises(ConfigError) as caught:
         load_identityd(paths)
-    assert str(caught.value).startswith(f"{paths.config_file}: cloud_timeout_sec: 10 is out")
+    assert str(caught.value).startswith(f"{paths.config_file}:1: cloud_timeout_sec: 10 is out")
+
+
+def test_a_refusal_of_a_text_names_the_line_of_an_inline_key() -> None:
+    text = (
+        GOOD_SAS_CONFIG
+        + '[localid]\ndomain = "d"\n[[principal]]\nuid = 1\nname = "m"\nidtype = ["local"]\n'
+        + '[[principal]]\nuid = 2\nname = "n"\nidtype = ["local"]\n'
+        + 'localid = { type = "x509", attribute = "server" }\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_identityd(tomli.loads(text), Source(SOURCE, text))
+    line = text.count("\n")
+    assert str(caught.value).startswith(
+        f"{SOURCE}:{line}: principal[1].localid.attribute: unknown key"
+    )
 
 
 def test_missing_files(tmp_path: Path) -> None:
@@ -882,7 +909,7 @@ def test_missing_files(tmp_path: Path) -> None:
         load_identityd(paths)
     assert (
         str(caught.value)
-        == f"{tmp_path / 'none.toml'} (missing): hostname is missing (the device's host name)"
+        == f"{tmp_path / 'none.toml'} (missing): hostname: is missing: expected the device's host name"
     )
 
 
