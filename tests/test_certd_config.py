@@ -309,18 +309,34 @@ def test_a_drop_in_may_hold_the_whole_config(tmp_path: Path) -> None:
     assert load_certd(paths) == ORIGINAL_EXPECTED
 
 
-def test_a_bad_key_in_a_drop_in_names_the_files_and_the_key(tmp_path: Path) -> None:
+# (base file after homedir_path, the drop-in, how the refusal starts after the drop-in's path)
+DROP_IN_REFUSALS = [
+    # The drop-in and the line the key is on, not the pair of places it might be in.
+    (
+        "",
+        '[cert_issuance]\ndevice-ca = { method = "self_signed", expiry = 5 }\n',
+        ":2: cert_issuance.device-ca.expiry: unknown key",
+    ),
+    # The third principal of the merged config is the drop-in's second, whose header is on
+    # line 5 of that file.
+    (
+        "[[principal]]\nuid = 1\ncerts = ['a']\n",
+        "[[principal]]\nuid = 2\ncerts = ['b']\n\n[[principal]]\nuid = 3\ncertz = ['c']\n",
+        ":5: principal[2].certs: is missing",
+    ),
+]
+
+
+@pytest.mark.parametrize(("base", "drop_in", "start"), DROP_IN_REFUSALS)
+def test_a_drop_in_refusal_names_the_drop_in_its_line_and_the_key(
+    tmp_path: Path, base: str, drop_in: str, start: str
+) -> None:
     paths = paths_in(tmp_path)
-    paths.config_file.write_text(HOME)
-    (paths.config_dir / "10-bad.toml").write_text(
-        '[cert_issuance]\ndevice-ca = { method = "self_signed", expiry = 5 }\n'
-    )
+    paths.config_file.write_text(HOME + base)
+    (paths.config_dir / "10-more.toml").write_text(drop_in)
     with pytest.raises(ConfigError) as caught:
         load_certd(paths)
-    # The drop-in and the line the key is on, not just the pair of places it might be in.
-    assert str(caught.value).startswith(
-        f"{paths.config_dir / '10-bad.toml'}:2: cert_issuance.device-ca.expiry: unknown key"
-    )
+    assert str(caught.value).startswith(f"{paths.config_dir / '10-more.toml'}{start}")
 
 
 def test_a_refusal_from_the_file_names_its_path(tmp_path: Path) -> None:
@@ -332,23 +348,6 @@ def test_a_refusal_from_the_file_names_its_path(tmp_path: Path) -> None:
     paths.config_file.write_text(HOME + "[cert_issuance]\nx = [\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_certd(paths)
-
-
-def test_a_drop_in_principal_is_named_by_its_merged_index_and_its_own_line(
-    tmp_path: Path,
-) -> None:
-    paths = paths_in(tmp_path)
-    paths.config_file.write_text(HOME + "[[principal]]\nuid = 1\ncerts = ['a']\n")
-    (paths.config_dir / "10-more.toml").write_text(
-        "[[principal]]\nuid = 2\ncerts = ['b']\n\n[[principal]]\nuid = 3\ncertz = ['c']\n"
-    )
-    with pytest.raises(ConfigError) as caught:
-        load_certd(paths)
-    # The third principal of the merged config is the drop-in's second, whose header is on
-    # line 5 of that file.
-    assert str(caught.value).startswith(
-        f"{paths.config_dir / '10-more.toml'}:5: principal[2].certs: is missing"
-    )
 
 
 def test_a_refusal_of_a_text_names_the_line() -> None:
