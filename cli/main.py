@@ -33,10 +33,12 @@ def _parser() -> argparse.ArgumentParser:
         help="treat DIR as / for every path read or written (staging an image, tests); "
         "systemd is then left alone",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     config = commands.add_parser("config", help="apply the device's config file")
-    config_commands = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    config_commands = config.add_subparsers(
+        dest="config_command", metavar="SUBCOMMAND", required=True
+    )
     apply = config_commands.add_parser(
         "apply",
         help="turn /etc/aziot/config.toml into each service's config and restart the services",
@@ -80,14 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    module = getattr(args, "module", None)
-    if module is None:
-        if args.command == "config":
-            parser.parse_args(["config", "--help"])
-        parser.print_help()
-        return 2 if args.command else 0
     layout = Layout(args.root)
-    handler = importlib.import_module(f"{__package__}.{module}")
+    handler = importlib.import_module(f"{__package__}.{args.module}")
     return handler.run(args, layout)
 
 

@@ -53,7 +53,7 @@ class Failure(Exception):
 
 def add_arguments(commands: Any) -> None:
     system = commands.add_parser("system", help="status, logs, restart, reprovision, log level")
-    actions = system.add_subparsers(dest="system_command", metavar="SUBCOMMAND")
+    actions = system.add_subparsers(dest="system_command", metavar="SUBCOMMAND", required=True)
     for name, help_text in (
         ("status", "is aziotd running and does each socket answer"),
         ("restart", "restart aziotd"),
