@@ -15,11 +15,17 @@ A `Table` is read against where its data came from:
   table that was never a file, or whose text the caller does not have) names only the file.
 - `MergedSource`: a service config as aziotd loads it, the base file merged with its
   `config.d/*.toml` drop-ins (as `loader.merge` merges them). Each key is traced to the file
-  that gave its value, and its line is looked up in that file: a key appended to an array by a
-  later file (`principal[2]`) is found at its place in that file (its first `[[principal]]`).
-  A key that was in no file (one that is missing) is placed by its nearest table that was; one
-  with no such table is named against the whole config (`config.toml (+ config.d/*.toml)`).
-  A file's text is read only when an error needs a line from it.
+  that gave its value (the last one to set it), and its line is looked up in that file. The
+  error names the key by its merged path and the place by that file's own: `principal[2]`,
+  appended by a drop-in that holds only one `[[principal]]`, is that drop-in's line of it. A
+  key that is in no file (a missing one) is placed at its nearest table that is, in the file
+  that gave that table; with no such table, at the config as a whole (`config.toml (missing)`,
+  the one file there is, or `config.toml (+ config.d/*.toml)`). A file's text is read only
+  when an error needs a line from it (best effort: a file changed since it was parsed gives
+  a wrong or no line, never a wrong file or key).
+
+`parse_certd`, `parse_identityd` and `parse_tpmd` also take a plain file name (what `aziotctl`
+passes for the configs it renders): errors then name the file and key, without a line.
 
 All four config models (super-config, certd, identityd, tpmd) read through this module.
 """
