@@ -36,58 +36,6 @@ JSON_RESULT = {
 }
 
 
-def add_arguments(commands: Any) -> None:
-    check = commands.add_parser("check", help="check for common config and deployment issues")
-    check.add_argument(
-        "-o",
-        "--output",
-        choices=("text", "json", "json-stream"),
-        default="text",
-        help="json and json-stream add host information (OS, memory, disks)",
-    )
-    check.add_argument(
-        "--dont-run",
-        action="append",
-        default=[],
-        metavar="DONT_RUN",
-        help="space-separated check ids not to run (see `aziotctl check-list`)",
-    )
-    check.add_argument(
-        "--warnings-as-errors",
-        action="store_true",
-        help="treat warnings as errors (and exit 1 on them)",
-    )
-    check.add_argument(
-        "--ntp-server",
-        default="pool.ntp.org:123",
-        metavar="NTP_SERVER",
-        help="the NTP server host:port to compare the local time with",
-    )
-    check.add_argument("-v", "--verbose", action="store_true", help="show causes and skips")
-    check.add_argument(
-        "--iothub-hostname",
-        default=None,
-        metavar="IOTHUB_HOSTNAME",
-        help="the IoT Hub to test connecting to (default: the manual provisioning's hub)",
-    )
-    check.add_argument(
-        "--proxy-uri",
-        default=None,
-        metavar="PROXY_URI",
-        help="the HTTP proxy (http://host:port) the device uses to reach DPS and IoT Hub",
-    )
-    check.add_argument(
-        "--expected-aziot-version",
-        default=None,
-        metavar="VERSION",
-        help="compare the installed version with this one instead of fetching the latest",
-    )
-    check.set_defaults(module="check", listing=False)
-    listing = commands.add_parser("check-list", help="list the checks that `check` runs")
-    listing.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    listing.set_defaults(module="check", listing=True)
-
-
 def run(args: argparse.Namespace, layout: Layout) -> int:
     if getattr(args, "listing", False):
         print_list(args.output, sys.stdout)

@@ -17,9 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from . import uds
+from .arguments import LEVELS
 from .layout import Layout
 
 SERVICE_UNIT = "aziotd.service"
@@ -27,7 +28,6 @@ SERVICE_UNIT = "aziotd.service"
 SERVICES = ("identityd", "keyd", "certd", "tpmd")
 SOCKET_UNITS = {name: f"aziot-{name}.socket" for name in SERVICES}
 ALIASES = tuple(f"aziot-{name}.service" for name in SERVICES)
-LEVELS = ("error", "warn", "info", "debug", "trace")
 LOG_LEVEL_FILE = "aziotd.log-level"  # in the socket dir; aziotd applies it on SIGHUP
 SYSTEMD_RUN_DIR = Path("/run/systemd/system")
 
@@ -49,29 +49,6 @@ PROBES = {
 
 class Failure(Exception):
     """What failed and what to do, as the one line aziotctl prints before exiting 1."""
-
-
-def add_arguments(commands: Any) -> None:
-    system = commands.add_parser("system", help="status, logs, restart, reprovision, log level")
-    actions = system.add_subparsers(dest="system_command", metavar="SUBCOMMAND", required=True)
-    for name, help_text in (
-        ("status", "is aziotd running and does each socket answer"),
-        ("restart", "restart aziotd"),
-        ("stop", "stop aziotd"),
-        ("reprovision", "ask the Identity Service to provision the device again"),
-    ):
-        actions.add_parser(name, help=help_text).set_defaults(module="system")
-    logs = actions.add_parser("logs", help="show aziotd's log (journalctl arguments may follow --)")
-    logs.add_argument(
-        "journalctl_args",
-        nargs=argparse.REMAINDER,
-        metavar="-- ARGS",
-        help="passed to journalctl instead of the default -e --no-pager",
-    )
-    logs.set_defaults(module="system")
-    level = actions.add_parser("set-log-level", help="change aziotd's log level")
-    level.add_argument("level", choices=LEVELS)
-    level.set_defaults(module="system")
 
 
 def under_systemd(layout: Layout) -> bool:
