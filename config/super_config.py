@@ -26,6 +26,7 @@ import tomli
 
 from aziot.actors.certs.renewal import parse_policy
 
+from .certd import AUTH_KEYS
 from .loader import ConfigError
 from .pkcs11_uri import Pkcs11Uri
 from .table import Source, Table
@@ -354,16 +355,6 @@ def _pair(table: Table, first: str, second: str) -> CertAndKey | None:
     return CertAndKey(_cert(table, first), _key(table, second))
 
 
-_EST_AUTH_KEYS = (
-    "username",
-    "password",
-    "identity_cert",
-    "identity_pk",
-    "bootstrap_identity_cert",
-    "bootstrap_identity_pk",
-)
-
-
 def _est_auth(table: Table) -> EstAuth | None:
     """The auth keys of `table` (taken here; the caller refuses the rest)."""
     if table.has("username") != table.has("password"):
@@ -423,7 +414,7 @@ def issuance_options(table: Table) -> IssuanceOptions:
     known = ["method", "expiry_days", "auto_renew", "common_name", "subject"]
     url = auth = None
     if method == "est":
-        known += ["url", *_EST_AUTH_KEYS]
+        known += ["url", *AUTH_KEYS]
         url_text = table.string("url")
         url = None if url_text is None else _http_url(table, "url", url_text)
         auth = _est_auth(table)
@@ -541,7 +532,7 @@ def _est(table: Table) -> Est:
     auth_table = table.table("auth")
     if auth_table is not None:
         auth = _est_auth(auth_table)
-        auth_table.refuse_others(_EST_AUTH_KEYS)
+        auth_table.refuse_others(AUTH_KEYS)
         if auth is None:
             raise auth_table.error(
                 None, "is empty: expected username/password and/or an identity or bootstrap cert"
