@@ -276,6 +276,8 @@ def test_keyd_creates_a_key_pair_on_the_tpm_token(world_dir, managed_token, keyd
 # given step of a key pair creation, or started afresh to see what its start-up repair left.
 _WRITER = """
 import hashlib, logging, os, sys
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
 from aziot.actors.keys.pkcs11.token import KeyNotFound, Pkcs11Library
 from aziot.config.pkcs11_uri import Pkcs11Uri
 
@@ -294,13 +296,34 @@ if sys.argv[3] == "kill":
     library.on_step = stop
     library.generate_key_pair(uri, "crash-key", ["ec-p256"])
     print("finished:", "|".join(seen), flush=True)
-elif sys.argv[3] == "move":
-    for label in ("from-key", "to-key"):
-        library.generate_key_pair(uri, label, ["ec-p256"])
-    try:
-        library.move_key_pair(uri, "from-key", "to-key")
-    except Exception as error:
-        print(type(error).__name__, error)
+elif sys.argv[3] in ("rotate", "move-kill"):
+    seen = []
+
+    def stop(name):
+        seen.append(name)
+        if len(seen) > int(sys.argv[4]):
+            print(name, flush=True)
+            os._exit(9)
+
+    if sys.argv[3] == "rotate":
+        for label in ("rot-key", "rot-key-temp"):
+            library.generate_key_pair(uri, label, ["ec-p256"])
+    library.on_step = stop
+    source, destination = sys.argv[5:7] if len(sys.argv) > 6 else ("rot-key-temp", "rot-key")
+    library.move_key_pair(uri, source, destination)
+    print("finished:", "|".join(seen), flush=True)
+elif sys.argv[3] == "keys":
+    # Each label: its compressed EC point and whether its private half signs for it.
+    for label in sys.argv[4:]:
+        try:
+            public = library.public_parameters(uri, label)
+        except KeyNotFound:
+            print(label, "none")
+            continue
+        digest = hashlib.sha256(label.encode()).digest()
+        signature = library.sign_ecdsa(uri, label, digest)
+        public.public_key().verify(signature, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        print(label, public.ec_point.hex(), "signs")
 else:
     try:
         public = library.public_parameters(uri, "crash-key")
@@ -323,17 +346,201 @@ def run_writer(token: TpmToken, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_move_onto_a_key_is_refused_without_c_copyobject(managed_token) -> None:
-    """Relabelling cannot keep the destination's key until the moved one replaces it, so keyd
-    refuses the move, naming why, and both key pairs stay as they were."""
-    moved = run_writer(managed_token, "move")
-    assert moved.stdout.strip() == (
-        "Pkcs11Error token 'keyd-tpm' (slot 1) cannot move key pairs: its PKCS#11 library has "
-        "no C_CopyObject, which keyd needs to replace a key safely"
-    ), moved
-    listed = managed_token.pkcs11_tool("--list-objects")
-    assert listed.count("label:      from-key") == 2 and listed.count("label:      to-key") == 2
-    assert len(token_objects(managed_token)) == 4, listed
+def test_keyd_rotates_a_key_pair_on_the_tpm_token(world_dir, managed_token, keyd_on) -> None:
+    """The rotation certd and identityd do on renewal: a new pair under `<id>-temp` moved onto
+    `<id>` (POST /keypair/<id> {"from": ...}, the bus operation Keys.move_key_pair that
+    actors/certs/renewing.py and actors/identity/renewal.py call). Without C_CopyObject keyd
+    retires the old pair, relabels the new one and then destroys the old one."""
+    token = managed_token
+    keyd = start_keyd(world_dir, token, keyd_on)
+    handle = handle_of(
+        keyd.call("POST", "/keypair", {"keyId": "device-id", "preferredAlgorithms": "ec-p256"})
+    )
+    old_public = ec_public_key(keyd, handle)
+    temp = handle_of(
+        keyd.call("POST", "/keypair", {"keyId": "device-id-temp", "preferredAlgorithms": "ec-p256"})
+    )
+    new_public = ec_public_key(keyd, temp)
+    assert new_public.public_numbers() != old_public.public_numbers()
+
+    moved = keyd.call("POST", "/keypair/device-id", {"from": "device-id-temp"})
+    assert moved.status == 204, moved.body
+    logs = keyd.logs()
+    assert (
+        "moved key pair 'device-id-temp' to 'device-id' on token 'keyd-tpm' (slot 1) by "
+        "relabelling (replaced 2 object(s))"
+    ) in logs, logs
+
+    # The handle of `device-id` from before the move signs with the new key now.
+    assert ec_public_key(keyd, handle).public_numbers() == new_public.public_numbers()
+    digest = hashlib.sha256(b"renewed identity").digest()
+    new_public.verify(
+        sign(keyd, handle, "ECDSA", digest=digest),
+        digest,
+        ec.ECDSA(utils.Prehashed(hashes.SHA256())),
+    )
+    assert keyd.call("GET", "/keypair/device-id-temp").status != 200
+    reloaded = handle_of(keyd.call("GET", "/keypair/device-id"))
+    assert ec_public_key(keyd, reloaded).public_numbers() == new_public.public_numbers()
+
+    # Other tools see one pair, under `device-id`, the new one; the old pair is gone and nothing
+    # is left under a retiring label (which starts with NUL: pkcs11-tool prints it empty).
+    listed = token.pkcs11_tool("--list-objects")
+    assert token_objects(token) == [
+        "Public Key Object; EC  EC_POINT 256 bits",
+        "Private Key Object; EC",
+    ], listed
+    assert listed.count("label:      device-id\n") == 2, listed
+    assert "device-id-temp" not in listed, listed
+    exported = world_dir / "device-id.der"
+    token.pkcs11_tool(
+        "--read-object", "--type", "pubkey", "--label", "device-id", "--output-file", str(exported)
+    )
+    token_public = serialization.load_der_public_key(exported.read_bytes())
+    assert isinstance(token_public, ec.EllipticCurvePublicKey)
+    assert token_public.public_numbers() == new_public.public_numbers()
+
+    # A second rotation on the same token, then a restart: the same handle, the newest key.
+    handle_of(
+        keyd.call("POST", "/keypair", {"keyId": "device-id-temp", "preferredAlgorithms": "ec-p256"})
+    )
+    newest = ec_public_key(keyd, handle_of(keyd.call("GET", "/keypair/device-id-temp")))
+    assert newest.public_numbers() != new_public.public_numbers()
+    # tpm2-pkcs11 hands new objects the handles of objects still there once some were
+    # destroyed; keyd re-initializes it before creating the next key.
+    assert "it reuses the handles of destroyed objects" in keyd.logs()
+    assert keyd.call("POST", "/keypair/device-id", {"from": "device-id-temp"}).status == 204
+    keyd.restart()
+    digest = hashlib.sha256(b"after restart").digest()
+    newest.verify(
+        sign(keyd, handle, "ECDSA", digest=digest),
+        digest,
+        ec.ECDSA(utils.Prehashed(hashes.SHA256())),
+    )
+    assert "repaired" not in keyd.logs()
+    assert len(token_objects(token)) == 2
+
+
+_ROTATION_STEPS = [
+    "move: retired an object of the old key",
+    "move: retired an object of the old key",
+    "move: committed a relabel",
+    "move: committed a relabel",
+    "move: destroyed a retired object",
+    "move: destroyed a retired object",
+]
+
+
+def _keys(token: TpmToken, *labels: str) -> tuple[dict[str, str], str]:
+    """Each label's compressed EC point (or "none"), after the start-up repair; and its log."""
+    checked = run_writer(token, "keys", *labels)
+    assert checked.returncode == 0, checked
+    found = {}
+    for line in checked.stdout.splitlines():
+        label, point, *signs = line.split()
+        assert point == "none" or signs == ["signs"], line
+        found[label] = point
+    return found, checked.stderr
+
+
+def _clear(token: TpmToken, *labels: str) -> None:
+    for label in labels:
+        for kind in ("privkey", "pubkey"):
+            listed = token.pkcs11_tool("--list-objects", "--type", kind, "--label", label)
+            if f"label:      {label}\n" in listed:
+                token.pkcs11_tool("--delete-object", "--type", kind, "--label", label)
+
+
+def test_a_rotation_killed_after_any_step_leaves_the_old_key_or_the_new_one(
+    managed_token,
+) -> None:
+    """Killed before the new private half is under `rot-key`, the next start rolls back: the
+    old pair under `rot-key`, the new one still under `rot-key-temp` (for certd's own repair);
+    killed after, it rolls forward: the new pair under `rot-key`, the old one gone. Never no
+    key, never both, nothing retiring left, and a `repaired:` line where it repaired."""
+    token = managed_token
+    labels = ("rot-key", "rot-key-temp")
+    finished = run_writer(token, "rotate", "99")
+    assert finished.stdout.strip() == "finished: " + "|".join(_ROTATION_STEPS), finished
+    assert "repaired" not in finished.stderr, finished
+    _clear(token, *labels)
+    for step, name in enumerate(_ROTATION_STEPS):
+        killed = run_writer(token, "rotate", str(step))
+        assert killed.returncode == 9 and killed.stdout.strip() == name, (step, killed)
+        # What the kill left: the keys were made in this run, so read them from the token.
+        listed = token.pkcs11_tool("--list-objects")
+        found, log = _keys(token, *labels)
+        committed = step >= 3  # the new private half's relabel is the commit point
+        if committed:
+            assert found["rot-key"] != "none" and found["rot-key-temp"] == "none", (name, found)
+            assert len(token_objects(token)) == 2, (name, listed)
+        else:
+            assert "none" not in found.values(), (name, found)
+            assert found["rot-key"] != found["rot-key-temp"]
+            assert len(token_objects(token)) == 4, (name, listed)
+        after = token.pkcs11_tool("--list-objects")
+        assert after.count("label:      rot-key\n") == 2, (name, after)
+        if step < 3:
+            assert (
+                "repaired: rolled back the interrupted move to 'rot-key' from 'rot-key-temp': "
+                "it had not committed (the old key's " + ("1" if step == 0 else "2")
+            ) in log, (name, log)
+            assert ("1 object(s) of the source back under 'rot-key-temp'" in log) == (step == 2)
+        elif step < 5:
+            assert (
+                "repaired: finished the interrupted move to 'rot-key' from 'rot-key-temp': it "
+                f"had committed ({5 - step} retired object(s) of the old key removed)"
+            ) in log, (name, log)
+        else:
+            assert "repaired" not in log, (name, log)
+        # A second start finds nothing left to repair, and the same key.
+        again, log = _keys(token, *labels)
+        assert again == found and "repaired" not in log, (name, again, log)
+        _clear(token, *labels)
+
+
+def test_a_rolled_back_rotation_keeps_the_old_key_and_the_new_one(managed_token) -> None:
+    """Rolled back, each key is whole where it was (the old one under `rot-key`, the new one
+    under `rot-key-temp`, each signing for its own public key), so the rotation run again takes
+    the new one into place."""
+    token = managed_token
+    killed = run_writer(token, "rotate", "2")  # the new public half under rot-key, not its private
+    assert killed.returncode == 9, killed
+    found, log = _keys(token, "rot-key", "rot-key-temp")
+    assert "repaired: rolled back" in log, log
+    old, new = found["rot-key"], found["rot-key-temp"]
+    assert "none" not in (old, new) and old != new
+    finished = run_writer(token, "move-kill", "99")
+    assert finished.stdout.strip() == "finished: " + "|".join(_ROTATION_STEPS), finished
+    after, log = _keys(token, "rot-key", "rot-key-temp")
+    assert after == {"rot-key": new, "rot-key-temp": "none"} and "repaired" not in log, after
+
+
+def test_a_move_onto_a_free_label_killed_between_its_relabels_is_put_back(managed_token) -> None:
+    """Nothing to retire: killed after the public half's relabel, the key is still the source's
+    (its private half is the commit), and the repair puts the public half back beside it."""
+    token = managed_token
+    run_writer(token, "rotate", "99")  # rot-key holds a pair
+    before, _ = _keys(token, "rot-key")
+    killed = run_writer(token, "move-kill", "0", "rot-key", "spare-key")
+    assert killed.returncode == 9 and killed.stdout.strip() == "move: committed a relabel", killed
+    listed = token.pkcs11_tool("--list-objects")
+    assert "label:      spare-key" in listed, listed
+    found, log = _keys(token, "rot-key", "spare-key")
+    assert found == {"rot-key": before["rot-key"], "spare-key": "none"}, found
+    assert (
+        "repaired: put the public half of key pair 'rot-key' back under its label (an "
+        "interrupted move had left it under 'spare-key')"
+    ) in log, log
+    listed = token.pkcs11_tool("--list-objects")
+    assert listed.count("label:      rot-key\n") == 2 and "spare-key" not in listed, listed
+    # Run to its end, the move takes the whole pair to the free label.
+    finished = run_writer(token, "move-kill", "99", "rot-key", "spare-key")
+    assert finished.stdout.strip() == "finished: move: committed a relabel|" * 1 + (
+        "move: committed a relabel"
+    ), finished
+    found, log = _keys(token, "rot-key", "spare-key")
+    assert found == {"rot-key": "none", "spare-key": before["rot-key"]}, found
 
 
 def test_a_key_pair_creation_killed_after_any_step_leaves_no_key_or_the_whole_key(

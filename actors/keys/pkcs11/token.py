@@ -45,15 +45,56 @@ per library with invalid handles, see :func:`_probe_copy_object`) commit step 2 
 staged object's ``CKA_LABEL`` to the key's label instead, public half first. tpm2-pkcs11 keeps
 each object as one SQLite row (attributes and TPM blobs together) and both its INSERT and the
 UPDATE behind ``C_SetAttributeValue`` are transactions, so an object appears whole and a relabel
-is atomic. A kill at any instant then leaves: nothing of ours (before or during the generation);
-a staged pair, or one staged half (the public one inserted first); the public half under the
-label and the private one staged; or the private half under the label (committed). The start-up
-repair is the one above: no private key with the label and the write's id means "undo", which
-destroys the staged objects and any public half already relabelled; a committed write has
-nothing staged left. Relabelling cannot keep the old key until the new one takes its place (two
-private keys would share one label, with nothing to tell which is new), so on such tokens a
-write that would replace objects under the label (a move, a secret import over a secret) is
-refused before anything is written; creating a key under a free label works.
+or a destruction is atomic. A kill at any instant of a creation then leaves: nothing of ours
+(before or during the generation); a staged pair, or one staged half (the public one inserted
+first); the public half under the label and the private one staged; or the private half under
+the label (committed). The start-up repair is the one above: no private key with the label and
+the write's id means "undo", which destroys the staged objects and any public half already
+relabelled; a committed write has nothing staged left.
+
+Replacing a key on such a token (a move ``<id>-temp`` → ``<id>``, the rotation certd and
+identityd do on renewal; a secret import over a secret) cannot keep the old key under its label
+until the new one is there (two private keys would share the label), so the old key is first
+*retired*: relabelled to a retiring label that names the write, its label, a move's source and
+the ``CKA_ID`` of the new key (``\\0aziot-retiring\\0<kind>\\0<label>\\0<source>\\0<new id hex>``;
+no key id holds NUL). A move, whose source pair is itself the new key (no copy, so no staging):
+
+1. *retire*: the old pair's public half, then its private half, to the retiring label;
+2. *commit*: the source's public half, then its private half, to the key's label; the private
+   half's relabel is the commit point;
+3. *finish*: the retired objects are destroyed, public half first.
+
+The repair decides by what it finds, for each retiring label: a private key under the named
+label with the named new id → the write committed → *roll forward*: destroy what is retiring;
+none → *roll back*: first the objects under the label with the new id (a move's public half,
+relabelled before the kill) go back to the source's label, then the retiring objects back to
+the label. The new id, not "some key under the label", is the test, because until step 1 ends
+the old private half is itself under the label. Every instant of a move onto ``L`` from ``F``
+(old pair O, source pair S with id N, distinct from O's: checked before any write):
+
+* before 1, or during any single relabel or destruction: the state before or after it;
+* O's public half retiring, its private under ``L``: no N under ``L`` → roll back; ``L`` works
+  meanwhile (a public half is found by id wherever it is);
+* O retiring whole, S under ``F``: roll back (``L`` holds no key for that instant; keyd's token
+  worker runs one operation at a time, so only a kill can observe it);
+* O retiring, S's public half under ``L``, its private under ``F``: roll back, S's public half to
+  ``F`` first, then O to ``L``: the old key whole, the source whole under ``F`` for certd's own
+  start-up repair to move again or delete;
+* O retiring, S under ``L`` (committed): roll forward; also with O's public half already
+  destroyed and only its private half retiring;
+* nothing retiring: the move finished (or never began).
+
+A roll back or roll forward cut short is taken up by the next start the same way: each of its
+steps is one atomic write and leaves a state listed above (a roll back relabels S's public
+half first, so no instant has O back under ``L`` with S's half beside it and nothing retiring).
+A move onto a free label has nothing to retire; killed between S's two relabels it leaves S's
+public half under ``L`` and its private under ``F`` (``F`` still works, ``L`` has no key), and
+the repair puts a public half of one of keyd's pairs whose private half is under another
+ordinary label back beside it. A secret import stages its key under the pending label as above,
+then retires the old secret, then relabels the staged one (the commit): an undo removes the
+staged key and the roll back restores the old one; a committed import drops what is retiring.
+A move or import that fails with an error is repaired the same way at once. Tokens with
+``C_CopyObject`` (SoftHSM) never retire anything: they keep the copy path above.
 """
 
 from __future__ import annotations
@@ -421,6 +462,11 @@ class Pkcs11Library:
         self._reconciled: set[int] = set()
         # Whether the module implements C_CopyObject; probed at the first session.
         self._copy_object: bool | None = None
+        # Whether objects were destroyed since the module was initialized, on a module without
+        # C_CopyObject: tpm2-pkcs11 1.9 then hands a new object the handle of one still there
+        # (seen here: a relabel of the new object changed the other one; cf.
+        # tpm2-software/tpm2-pkcs11#931), so it is re-initialized before the next creation.
+        self._stale_handles = False
         # Slots whose tokens refused keyd's EC template for the TPM's coupled capabilities.
         self._coupled_ec_slots: set[int] = set()
         # Called with a step name between the token writes of one key write; tests stop a
@@ -653,6 +699,8 @@ class Pkcs11Library:
             op = _forgetting_objects(op)
         try:
             return op(state)
+        except _StaleHandles:
+            self._reinitialize()
         except _RECONNECT_ERRORS as exc:
             log.warning(
                 "%s on %s failed with %s; reopening the session and retrying once",
@@ -666,8 +714,29 @@ class Pkcs11Library:
         state = self._state(uri)
         try:
             return op(state)
+        except _StaleHandles:
+            raise Pkcs11Error(f"{what} on {state.describe()} failed: unstable handles") from None
         except pkcs11.PKCS11Error as exc:
             raise self._token_error(exc, what, state, uri) from exc
+
+    def _reinitialize(self) -> None:
+        """C_Finalize and C_Initialize the module: it numbers every object afresh."""
+        log.info(
+            "re-initializing PKCS#11 library %s before creating objects: it reuses the handles "
+            "of destroyed objects",
+            self._path,
+        )
+        self.close()
+        try:
+            self._lib.reinitialize()
+        except pkcs11.PKCS11Error as exc:
+            raise TokenUnavailable(
+                f"could not re-initialize PKCS#11 library {self._path!r}: {_describe_error(exc)}",
+                ckr=ckr_name(exc),
+            ) from exc
+        self._sessions.clear()
+        self._token_slots.clear()
+        self._stale_handles = False
 
     def _token_error(
         self, exc: Exception, what: str, state: _SlotState, uri: Pkcs11Uri
@@ -795,8 +864,8 @@ class Pkcs11Library:
             if not self._copy_object:
                 log.info(
                     "PKCS#11 library %s has no C_CopyObject (CKR_FUNCTION_NOT_SUPPORTED): "
-                    "key writes on its tokens commit by relabelling the staged objects, and "
-                    "writes that replace a key (a move, a secret import over a key) are refused",
+                    "key writes on its tokens commit by relabelling, and a write that replaces "
+                    "a key (a move, a secret import over a key) retires the old key first",
                     self._path,
                 )
         return self._copy_object
@@ -974,10 +1043,11 @@ class Pkcs11Library:
         query = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id}
         return any(True for _ in state.session.get_objects(query))
 
-    @staticmethod
-    def _destroy_objects(objects: list[Any]) -> int:
+    def _destroy_objects(self, objects: list[Any]) -> int:
         for obj in objects:
             obj.destroy()
+            if self._copy_object is False:
+                self._stale_handles = True
         return len(objects)
 
     def _destroy(
@@ -992,7 +1062,7 @@ class Pkcs11Library:
             for obj in self._find_all(state, cls, label):
                 if keep is not None and obj.handle == keep:
                     continue
-                obj.destroy()
+                self._destroy_objects([obj])
                 count += 1
         return count
 
@@ -1251,7 +1321,7 @@ class Pkcs11Library:
             key.encrypt(b"keyd self-test", mechanism=Mechanism.AES_GCM, mechanism_param=params)
         except pkcs11.PKCS11Error as exc:
             try:
-                key.destroy()
+                self._destroy_objects([key])
             except pkcs11.PKCS11Error as cleanup:
                 log.warning("could not delete AES key %r after failed test: %s", label, cleanup)
             raise CreateRefused(
@@ -1261,6 +1331,9 @@ class Pkcs11Library:
             ) from exc
 
     def _move_key_pair(self, state: _SlotState, from_label: str, to_label: str) -> None:
+        if not state.copies:
+            self._move_by_relabel(state, from_label, to_label)
+            return
         self._private_key(state, from_label)  # refuse before touching the destination
         sources = self._pair_objects(state, from_label)
         sources.sort(key=lambda obj: obj[Attribute.CLASS] == ObjectClass.PRIVATE_KEY)
@@ -1277,6 +1350,47 @@ class Pkcs11Library:
             to_label,
             state.describe(),
             replaced,
+        )
+
+    def _move_by_relabel(self, state: _SlotState, from_label: str, to_label: str) -> None:
+        """The move on a token without C_CopyObject: retire the destination's pair, relabel the
+        source's pair onto the destination (private half last: the commit), destroy the retired
+        pair. See the module doc for why every instant is safe."""
+        self._log_repairs(state, self._settle_retired(state))  # a failed undo's leftovers
+        private = self._private_key(state, from_label)  # refuse before touching anything
+        new_id = _object_id(private)
+        sources = self._pair_objects(state, from_label)
+        source_handles = {obj.handle for obj in sources}
+        old = [o for o in self._pair_objects(state, to_label) if o.handle not in source_handles]
+        cannot = f"{state.describe()} cannot move key pair {from_label!r} to {to_label!r}"
+        if not new_id or any(_object_id(obj) != new_id for obj in sources):
+            raise Pkcs11Error(
+                f"{cannot}: without C_CopyObject the move relabels the pair in place, which "
+                "needs both its halves to carry the same non-empty CKA_ID (keyd's own keys do)"
+            )
+        if any(_object_id(obj) == new_id for obj in old):
+            raise Pkcs11Error(
+                f"{cannot}: both pairs carry the CKA_ID {new_id.hex()}, so an interrupted move "
+                "could not be told apart from a finished one"
+            )
+        retired: list[Any] = []
+        try:
+            retired = self._retire(state, "move", to_label, from_label, new_id, old)
+            for obj in _public_first(sources):
+                obj[Attribute.LABEL] = to_label
+                self._step("move: committed a relabel")
+        except Exception:
+            self._repair_after_failure(state, f"move of key pair {from_label!r} to {to_label!r}")
+            raise
+        for obj in retired:
+            self._destroy_objects([obj])
+            self._step("move: destroyed a retired object")
+        log.info(
+            "moved key pair %r to %r on %s by relabelling (replaced %d object(s))",
+            from_label,
+            to_label,
+            state.describe(),
+            len(retired),
         )
 
     # ----------------------------------------------------------------------------------------
@@ -1300,14 +1414,19 @@ class Pkcs11Library:
         pending = _pending_label(kind, label, source)
         key_id = secrets.token_bytes(16)
         if not state.copies:
-            self._refuse_replacing_without_copy(state, kind, label)
+            self._log_repairs(state, self._settle_retired(state))  # a failed undo's leftovers
+        if self._stale_handles and not state.copies:
+            raise _StaleHandles  # _run re-initializes the module and runs the write again
+        retired: list[Any] = []
         try:
             stage(pending, key_id)
             self._step(f"{kind}: staged")
             staged = self._find_by(state, label=pending, key_id=key_id)
+            if not state.copies:
+                old = self._old_objects(state, kind, label)
+                retired = self._retire(state, kind, label, source, key_id, old)
             # The private (or secret) key last: its copy (or relabel) is the commit point.
-            staged.sort(key=lambda obj: obj[Attribute.CLASS] != ObjectClass.PUBLIC_KEY)
-            for obj in staged:
+            for obj in _public_first(staged):
                 if state.copies:
                     obj.copy({Attribute.LABEL: label})
                     self._step(f"{kind}: committed a copy")
@@ -1323,27 +1442,121 @@ class Pkcs11Library:
                     label,
                     _describe_error(exc),
                 )
+            if not state.copies:
+                self._repair_after_failure(state, f"write of {label!r}")
             raise
-        return self._finish(state, kind, label, source, pending, key_id)
+        for obj in retired:
+            self._destroy_objects([obj])
+            self._step(f"{kind}: destroyed a retired object")
+        return len(retired) + self._finish(state, kind, label, source, pending, key_id)
 
-    def _refuse_replacing_without_copy(
-        self, state: _SlotState, kind: _WriteKind, label: str
-    ) -> None:
-        """Without C_CopyObject a write commits by relabelling, which is crash-safe only when
-        nothing is under the label yet (see the module doc); anything else is refused here,
-        before the token is touched."""
-        why = "its PKCS#11 library has no C_CopyObject, which keyd needs to replace a key safely"
-        if kind == "move":
-            raise Pkcs11Error(f"{state.describe()} cannot move key pairs: {why}")
+    def _old_objects(self, state: _SlotState, kind: _WriteKind, label: str) -> list[Any]:
         if kind == "secret":
-            old = self._find_by(state, label=label, cls=ObjectClass.SECRET_KEY)
-        else:
-            old = self._pair_objects(state, label)
-        if old:
-            raise Pkcs11Error(
-                f"{state.describe()} cannot replace the {len(old)} object(s) labelled "
-                f"{label!r}: {why}"
+            return self._find_by(state, label=label, cls=ObjectClass.SECRET_KEY)
+        return self._pair_objects(state, label)
+
+    def _retire(
+        self,
+        state: _SlotState,
+        kind: _WriteKind,
+        label: str,
+        source: str,
+        new_id: bytes,
+        old: list[Any],
+    ) -> list[Any]:
+        """Relabel what the write replaces (public half first) to the retiring label that names
+        the write: kept whole until the new key has committed (see the module doc)."""
+        retiring = _retiring_label(kind, label, source, new_id)
+        retired = _public_first(old)
+        for obj in retired:
+            obj[Attribute.LABEL] = retiring
+            self._step(f"{kind}: retired an object of the old key")
+        return retired
+
+    def _repair_after_failure(self, state: _SlotState, what: str) -> None:
+        """A relabelling write failed half way: bring the token back now, as a start would."""
+        try:
+            self._log_repairs(
+                state, self._settle_retired(state) + self._settle_astray_halves(state)
             )
+        except pkcs11.PKCS11Error as exc:
+            log.warning(
+                "could not undo the failed %s: %s (the next start will)",
+                what,
+                _describe_error(exc),
+            )
+
+    @staticmethod
+    def _log_repairs(state: _SlotState, repairs: list[str]) -> None:
+        for repair in repairs:
+            log.warning("%s: repaired: %s", state.describe(), repair)
+
+    def _settle_retired(self, state: _SlotState) -> list[str]:
+        """Each set of retired objects: destroyed if its write committed (the new private or
+        secret key is under the label), else relabelled back, with any public half the write
+        had already relabelled returned to the move's source."""
+        groups: dict[str, list[Any]] = {}
+        for obj in self._find_by(state):
+            label = obj[Attribute.LABEL]
+            if label.startswith(_RETIRING):
+                groups.setdefault(label, []).append(obj)
+        repairs: list[str] = []
+        for retiring, objects in sorted(groups.items()):
+            parsed = _parse_retiring(retiring)
+            if parsed is None:
+                repairs.append(
+                    f"left alone {len(objects)} retired object(s) of an unknown write "
+                    f"({retiring!r})"
+                )
+                continue
+            kind, label, source, new_id = parsed
+            commit_cls = ObjectClass.SECRET_KEY if kind == "secret" else ObjectClass.PRIVATE_KEY
+            what = f"{_KIND_NAMES[kind]} {label!r}" + (f" from {source!r}" * (kind == "move"))
+            if self._find_by(state, label=label, key_id=new_id, cls=commit_cls):
+                self._destroy_objects(_public_first(objects))
+                repairs.append(
+                    f"finished the interrupted {what}: it had committed "
+                    f"({len(objects)} retired object(s) of the old key removed)"
+                )
+                continue
+            returned = 0
+            if kind == "move":
+                # Halves of the source relabelled before the commit go back first, so that
+                # the label holds nothing but the old key once it is back.
+                for obj in self._find_by(state, label=label, key_id=new_id):
+                    obj[Attribute.LABEL] = source
+                    returned += 1
+            for obj in _public_first(objects):
+                obj[Attribute.LABEL] = label
+            repairs.append(
+                f"rolled back the interrupted {what}: it had not committed (the old key's "
+                f"{len(objects)} object(s) back under {label!r}"
+                + (f", {returned} object(s) of the source back under {source!r}" * bool(returned))
+                + ")"
+            )
+        return repairs
+
+    def _settle_astray_halves(self, state: _SlotState) -> list[str]:
+        """A public half of one of our pairs under another label than its private half (a
+        relabelling move of a pair onto a free label cut short between its two relabels)
+        goes back under its private half's label."""
+        repairs: list[str] = []
+        for public in self._find_by(state, cls=ObjectClass.PUBLIC_KEY):
+            label, key_id = public[Attribute.LABEL], _object_id(public)
+            if label.startswith("\x00") or len(key_id) != len(_OUR_ID):
+                continue
+            privates = self._find_by(state, key_id=key_id, cls=ObjectClass.PRIVATE_KEY)
+            if len(privates) != 1:
+                continue
+            owner = privates[0][Attribute.LABEL]
+            if owner == label or owner.startswith("\x00"):
+                continue
+            public[Attribute.LABEL] = owner
+            repairs.append(
+                f"put the public half of key pair {owner!r} back under its label (an "
+                f"interrupted move had left it under {label!r})"
+            )
+        return repairs
 
     def _finish(
         self,
@@ -1424,7 +1637,9 @@ class Pkcs11Library:
                     f"undid the interrupted {what}: it had not committed "
                     f"({removed} staged object(s) removed, the old key kept)"
                 )
-        # 2. Duplicates a C_CopyObject cut short leaves under the source's own label.
+        # 2. Old keys a relabelling write retired: dropped if it committed, else put back.
+        repairs += self._settle_retired(state)
+        # 3. Duplicates a C_CopyObject cut short leaves under the source's own label.
         seen: set[tuple[int, str, bytes]] = set()
         for obj in self._find_by(state):
             key_id = _object_id(obj)
@@ -1432,14 +1647,16 @@ class Pkcs11Library:
                 continue  # only ids we made are unique per key; others may be shared on purpose
             identity = (int(obj[Attribute.CLASS]), obj[Attribute.LABEL], key_id)
             if identity in seen:
-                obj.destroy()
+                self._destroy_objects([obj])
                 repairs.append(
                     f"removed a duplicate {ObjectClass(identity[0]).name} {identity[1]!r} "
                     "left by an interrupted copy"
                 )
             seen.add(identity)
-        for repair in repairs:
-            log.warning("%s: repaired: %s", state.describe(), repair)
+        # 4. A public half a relabelling move left under the other label.
+        if not state.copies:
+            repairs += self._settle_astray_halves(state)
+        self._log_repairs(state, repairs)
         return repairs
 
     # ----------------------------------------------------------------------------------------
@@ -1538,12 +1755,42 @@ def _forgetting_objects(op: Callable[[_SlotState], T]) -> Callable[[_SlotState],
     return run
 
 
+class _StaleHandles(Exception):
+    """A creation must wait for the module's re-initialization (see `_stale_handles`)."""
+
+
 _WriteKind = Literal["pair", "secret", "move"]
 _KIND_NAMES = {"pair": "creation of key pair", "secret": "write of secret key", "move": "move to"}
 _KEY_CLASSES = (ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY)
 # Labels of staged objects. A key id cannot contain NUL (keyd refuses it), so none names one.
 _PENDING = "\x00aziot-pending\x00"
 _OUR_ID = bytes(16)  # the length of the CKA_ID keyd gives every key it makes
+
+
+# Labels of the objects a relabelling write replaces until it has committed; they name the
+# write and the CKA_ID of its new key (hex), whose presence under the label is the commit.
+_RETIRING = "\x00aziot-retiring\x00"
+
+
+def _public_first(objects: Iterable[Any]) -> list[Any]:
+    return sorted(objects, key=lambda obj: obj[Attribute.CLASS] != ObjectClass.PUBLIC_KEY)
+
+
+def _retiring_label(kind: _WriteKind, label: str, source: str, new_id: bytes) -> str:
+    return f"{_RETIRING}{kind}\x00{label}\x00{source}\x00{new_id.hex()}"
+
+
+def _parse_retiring(retiring: str) -> tuple[_WriteKind, str, str, bytes] | None:
+    parts = retiring[len(_RETIRING) :].split("\x00")
+    if len(parts) != 4 or parts[0] not in _KIND_NAMES or not parts[1]:
+        return None
+    try:
+        new_id = bytes.fromhex(parts[3])
+    except ValueError:
+        return None
+    if not new_id or (parts[0] == "move") != bool(parts[2]):
+        return None
+    return cast(_WriteKind, parts[0]), parts[1], parts[2], new_id
 
 
 def _pending_label(kind: _WriteKind, label: str, source: str) -> str:
