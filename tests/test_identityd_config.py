@@ -1,7 +1,9 @@
-"""identityd's config in process: the original's sample configs and `aziotctl config apply`'s
-golden identityd.toml outputs parsed to every field, the defaults, `config.d` merged with
-principals accumulating, the refusals of the original's `Settings::check`, and every refusal
-naming the file and the key (spec/provisioning.md §4.1, §8.5, §8.7; spec/api.md §2.3, §5.5).
+"""identityd's config in process: hand-written configs of each shape the service reads, parsed to
+every field; what `aziotctl config apply` renders from our golden vectors (tests/apply_vectors.py)
+read back by identityd's parser into the expected typed config; the defaults, `config.d` merged
+with principals accumulating, the refusals of the original's `Settings::check`, and every
+refusal naming the file and the key (spec/provisioning.md §4.1, §8.5, §8.7; spec/api.md §2.3,
+§5.5). Every value in these configs was made up for this project.
 
 The original ignores keys it does not know (serde); here they stop the start.
 """
@@ -14,6 +16,8 @@ from pathlib import Path
 import pytest
 import tomli
 
+from aziot.cli import apply as apply_cmd
+from aziot.cli.layout import Layout
 from aziot.config.certd import AutoRenew
 from aziot.config.identityd import (
     CsrSubject,
@@ -36,242 +40,198 @@ from aziot.config.identityd import (
     parse_identityd,
 )
 from aziot.config.loader import ConfigError, ServicePaths
+from aziot.config.super_config import parse_super_config_text
 from aziot.config.table import Source
+from tests import apply_vectors
+from tests.apply_vectors import BY_NAME, CS_UID, IS_UID, VECTORS, Vector
 
 SOURCE = "/etc/aziot/identityd/config.toml"
-HOMEDIR = Path("/var/lib/aziot/identityd")
 
-HEAD = """
-hostname = "iotedge"
-homedir = "/var/lib/aziot/identityd"
+# The kiln works' gateway: one device, its hub, its DPS enrollment and its local modules.
+HOST = "kiln-gw-3"
+HOMEDIR = Path("/srv/kiln/identityd")
+HUB = "kiln-works.azure-devices.net"
+DEVICE_ID = "glaze-line-3"
+SAS_KEY_ID = "glaze-sas"
+DPS_ENDPOINT = "https://dps.kiln.example/"
+SCOPE_ID = "0ne00B1SCU1"
+REGISTRATION_ID = "glaze-line-4"
+DPS_KEY_ID = "glaze-dps-key"
+PAYLOAD_DIR = "file:///srv/kiln/dps"
+PAYLOAD_URI = f"{PAYLOAD_DIR}/enrollment-data.json"
+DOMAIN = "kiln.example"
+
+HEAD = f"""\
+# identityd on the kiln works' gateway
+hostname = "{HOST}"
+homedir = "{HOMEDIR}"
 """
 
-MANUAL_SAS = """
+MANUAL_SAS = f"""
 [provisioning]
 source = "manual"
-iothub_hostname = "hubname"
-device_id = "deviceid"
+iothub_hostname = "{HUB}"
+device_id = "{DEVICE_ID}"
 
 [provisioning.authentication]
 method = "sas"
-device_id_pk = "sas"
+device_id_pk = "{SAS_KEY_ID}"
 """
 
-# The original's aziot-identityd-config test configs, verbatim.
-GOOD_SAS_CONFIG = HEAD + MANUAL_SAS
+SAS_CONFIG = HEAD + MANUAL_SAS
 
-GOOD_DPS_CONFIG = (
+# Quoted keys are the same keys to TOML, and must be to the parser.
+DPS_CONFIG = (
     HEAD
-    + """
+    + f"""
 [provisioning]
 source = "dps"
-"global_endpoint" = "http://globaldevices.net"
-"scope_id" = "scope"
+"global_endpoint" = "{DPS_ENDPOINT}"
+"scope_id" = "{SCOPE_ID}"
 
 [provisioning.attestation]
 method = "symmetric_key"
-registration_id = "regid"
-symmetric_key = "dps"
+registration_id = "{REGISTRATION_ID}"
+symmetric_key = "{DPS_KEY_ID}"
 """
 )
 
-GOOD_DPS_WITH_PAYLOAD = GOOD_DPS_CONFIG.replace(
-    '"scope_id" = "scope"\n',
-    '"scope_id" = "scope"\npayload = { uri = "file:///tmp/complex_payload.json" }\n',
-)
+SCOPE_LINE = f'"scope_id" = "{SCOPE_ID}"\n'
+PAYLOAD_LINE = f'payload = {{ uri = "{PAYLOAD_URI}" }}\n'
+DPS_WITH_PAYLOAD = DPS_CONFIG.replace(SCOPE_LINE, SCOPE_LINE + PAYLOAD_LINE)
 
-# The original's aziot-identityd test configs, verbatim.
-GOOD_AUTH_SETTINGS = (
+# Principals of the three kinds: untyped (a host daemon), device-only, module and local.
+PRINCIPALS_CONFIG = (
     HEAD
-    + """
-# Local ID settings
+    + f"""
 [localid]
-domain = "example.com"
+domain = "{DOMAIN}"  # local identities are named <module>.<domain>
 
 [[principal]]
-name = "hostdaemon1"
-uid = 1001
+name = "glaze-agent"
+uid = 2101
 
 [[principal]]
-name = "hostprocess1"
+name = "kiln-monitor"
 idtype = ["device"]
-uid = 1002
+uid = 2102
 
 [[principal]]
-name = "hostprocess2"
 idtype = ["module", "local"]
-uid = 1003
+name = "kiln-relay"
+uid = 2103
 """
     + MANUAL_SAS
 )
 
-GOOD_LOCAL_OPTS = (
+# No hub; local identities with each localid form; the socket endpoints spelled out; and the
+# [connect]/[listen] tables older identityd configs carry, which are read past.
+LOCAL_ONLY_CONFIG = (
     HEAD
-    + """
-[connect]
-api_uri = "unix:///var/run/aziot/identityd.sock"
-
-[listen]
-api_uri = "unix:///var/run/aziot/identityd.sock"
-
-[endpoints]
-aziot_certd = "unix:///var/run/aziot/certd.sock"
-aziot_keyd = "unix:///var/run/aziot/keyd.sock"
-aziot_identityd = "unix:///var/run/aziot/identityd.sock"
-aziot_tpmd = "unix:///var/run/aziot/tpmd.sock"
-
+    + f"""
 [provisioning]
 source = "none"
 
+[connect]
+api_uri = "unix:///run/kiln/identityd.sock"
+
+[listen]
+api_uri = "unix:///run/kiln/identityd.sock"
+
+[endpoints]
+aziot_keyd = "unix:///run/kiln/keyd.sock"
+aziot_certd = "unix:///run/kiln/certd.sock"
+aziot_tpmd = "unix:///run/kiln/tpmd.sock"
+aziot_identityd = "unix:///run/kiln/identityd.sock"
+
 [localid]
-domain = "example.com"
+domain = "{DOMAIN}"
 
 [[principal]]
-uid = 1000
-name = "module1"
+uid = 3001
+name = "tile-sorter"
 idtype = ["local"]
 
 [[principal]]
-uid = 1001
-name = "module2"
+uid = 3002
+name = "tile-camera"
 idtype = ["local"]
-localid = { type = "x509" }
+localid = {{ type = "x509" }}
 
 [[principal]]
-uid = 1002
-name = "module3"
+uid = 3003
+name = "tile-dashboard"
 idtype = ["local"]
-localid = { type = "x509", attributes = "server" }
+localid = {{ attributes = "server", type = "x509" }}
 """
 )
 
-BAD_CONFIG = GOOD_DPS_CONFIG.replace('source = "dps"', 'source = "dps2" #Incorrect source type')
+BAD_SOURCE_CONFIG = DPS_CONFIG.replace('source = "dps"', 'source = "dps-v2"  # no such source')
 
-BAD_LOCAL_CONFIG = GOOD_DPS_CONFIG.replace(
+# A local principal with no [localid] to name its identity by.
+LOCAL_WITHOUT_DOMAIN = DPS_CONFIG.replace(
     "[provisioning.attestation]",
-    """# Principal specifies local id, but [localid] not in settings.
-[[principal]]
-uid = 1001
-name = "hostdaemon1"
+    """[[principal]]
+uid = 2101
+name = "glaze-agent"
 idtype = ["local"]
 
 [provisioning.attestation]""",
 )
 
-# aziotctl config apply's golden outputs (aziotctl-common/test-files/apply/*/identityd.toml).
-APPLY_HEAD = """hostname = "my-device"
-homedir = "/var/lib/aziot/identityd"
-prefer_module_identity_cache = false
-"""
-DPS_HEAD = """
-[provisioning]
-source = "dps"
-global_endpoint = "https://global.azure-devices-provisioning.net/"
-scope_id = "0ab1234C5D6"
-"""
-MANUAL_HEAD = """
+# Bases the refusals below break one key of: x509 by hand, DPS over TPM, DPS x509 with a subject
+# table for a registration id and a renewal policy.
+MANUAL_X509 = (
+    HEAD
+    + f"""
 [provisioning]
 source = "manual"
-iothub_hostname = "example.azure-devices.net"
-device_id = "my-device"
-"""
-APPLY_LOCAL_GATEWAY = (
-    APPLY_HEAD
-    + """
-[provisioning]
-local_gateway_hostname = "my-gateway-device"
-source = "manual"
-iothub_hostname = "example.azure-devices.net"
-device_id = "my-device"
+iothub_hostname = "{HUB}"
+device_id = "{DEVICE_ID}"
 
 [provisioning.authentication]
-method = "sas"
-device_id_pk = "device-id"
+method = "x509"
+identity_cert = "glaze-cert"
+identity_pk = "glaze-cert-key"
 """
 )
-APPLY_DPS_TPM = (
-    APPLY_HEAD
-    + DPS_HEAD
-    + """
+DPS_TPM = (
+    HEAD
+    + f"""
+[provisioning]
+source = "dps"
+global_endpoint = "{DPS_ENDPOINT}"
+scope_id = "{SCOPE_ID}"
+
 [provisioning.attestation]
 method = "tpm"
-registration_id = "my-device"
+registration_id = "{REGISTRATION_ID}"
 """
 )
-APPLY_DPS_X509_AUTO_RENEW = (
-    APPLY_HEAD
-    + DPS_HEAD
-    + """
+DPS_X509_RENEWED = (
+    HEAD
+    + f"""
+[provisioning]
+source = "dps"
+global_endpoint = "{DPS_ENDPOINT}"
+scope_id = "{SCOPE_ID}"
+
 [provisioning.attestation]
 method = "x509"
-identity_cert = "device-id"
-identity_pk = "device-id"
+identity_cert = "glaze-cert"
+identity_pk = "glaze-cert-key"
 
 [provisioning.attestation.registration_id]
-CN = "my-device"
-L = "AQ"
-ST = "Antarctica"
+CN = "{REGISTRATION_ID}"
+O = "Kiln Works"
+OU = "Glazing"
 
 [provisioning.attestation.identity_auto_renew]
 rotate_key = false
-threshold = "50%"
-retry = "10%"
+threshold = "3day"
+retry = "20%"
 """
 )
-APPLY_DPS_X509_STRING_ID = (
-    APPLY_HEAD
-    + DPS_HEAD
-    + """
-[provisioning.attestation]
-method = "x509"
-identity_cert = "device-id"
-identity_pk = "device-id"
-registration_id = "my-device"
-
-[provisioning.attestation.identity_auto_renew]
-rotate_key = true
-threshold = "90%"
-retry = "1%"
-"""
-)
-APPLY_MANUAL_X509_SUBJECT = (
-    APPLY_HEAD
-    + MANUAL_HEAD
-    + """
-[provisioning.authentication]
-method = "x509"
-identity_cert = "device-id"
-identity_pk = "device-id"
-
-[provisioning.authentication.csr_subject]
-CN = "my-device"
-L = "AQ"
-ST = "Antarctica"
-"""
-)
-APPLY_MANUAL_X509 = (
-    APPLY_HEAD
-    + MANUAL_HEAD
-    + """
-[provisioning.authentication]
-method = "x509"
-identity_cert = "device-id"
-identity_pk = "device-id"
-"""
-)
-APPLY_THROTTLE = (
-    APPLY_HEAD.replace("= false", "= true")
-    + "max_requests = 50\n"
-    + MANUAL_HEAD
-    + """
-[provisioning.authentication]
-method = "sas"
-device_id_pk = "device-id"
-"""
-)
-
-HUB = "example.azure-devices.net"
-DPS_ENDPOINT = "https://global.azure-devices-provisioning.net/"
 
 
 def parse(text: str) -> IdentitydConfig:
@@ -287,146 +247,233 @@ def refused(text: str) -> str:
 
 
 def basic(provisioning: Provisioning, **fields: object) -> IdentitydConfig:
-    return IdentitydConfig("iotedge", HOMEDIR, provisioning, **fields)  # type: ignore[arg-type]
+    return IdentitydConfig(HOST, HOMEDIR, provisioning, **fields)  # type: ignore[arg-type]
 
 
-def applied(provisioning: Provisioning, **fields: object) -> IdentitydConfig:
-    return IdentitydConfig("my-device", HOMEDIR, provisioning, **fields)  # type: ignore[arg-type]
+SAS_PROVISIONING = Provisioning(Manual(HUB, DEVICE_ID, ManualSas(SAS_KEY_ID)))
 
 
-# The original's samples --------------------------------------------------------------------------
+# Each shape, by hand ------------------------------------------------------------------------------
 
 
-def test_original_good_sas_config() -> None:
-    assert parse(GOOD_SAS_CONFIG) == basic(
-        Provisioning(Manual("hubname", "deviceid", ManualSas("sas")))
-    )
+def test_manual_sas_config() -> None:
+    assert parse(SAS_CONFIG) == basic(SAS_PROVISIONING)
 
 
-def test_original_good_dps_config() -> None:
-    config = parse(GOOD_DPS_CONFIG)
+def test_dps_symmetric_key_config_with_quoted_keys() -> None:
+    config = parse(DPS_CONFIG)
     assert config == basic(
         Provisioning(
-            Dps("http://globaldevices.net", "scope", SymmetricKeyAttestation("regid", "dps"))
+            Dps(DPS_ENDPOINT, SCOPE_ID, SymmetricKeyAttestation(REGISTRATION_ID, DPS_KEY_ID))
         )
     )
     assert config.provisioning.source == "dps"
 
 
-def test_original_dps_config_with_payload() -> None:
-    config = parse(GOOD_DPS_WITH_PAYLOAD)
+def test_dps_config_with_an_inline_payload_table() -> None:
+    config = parse(DPS_WITH_PAYLOAD)
+    assert config == basic(
+        Provisioning(
+            Dps(
+                DPS_ENDPOINT,
+                SCOPE_ID,
+                SymmetricKeyAttestation(REGISTRATION_ID, DPS_KEY_ID),
+                Payload(PAYLOAD_URI),
+            )
+        )
+    )
     assert isinstance(config.provisioning.kind, Dps)
     payload = config.provisioning.kind.payload
-    assert payload == Payload("file:///tmp/complex_payload.json")
-    assert payload.path == Path("/tmp/complex_payload.json")
+    assert payload is not None
+    assert payload.path == Path("/srv/kiln/dps/enrollment-data.json")
 
 
-def test_original_good_auth_settings() -> None:
-    config = parse(GOOD_AUTH_SETTINGS)
-    assert config.localid == LocalId("example.com")
-    assert config.principal == [
-        Principal(1001, "hostdaemon1"),
-        Principal(1002, "hostprocess1", ["device"]),
-        Principal(1003, "hostprocess2", ["module", "local"]),
-    ]
+def test_principals_of_each_kind() -> None:
+    config = parse(PRINCIPALS_CONFIG)
+    assert config == basic(
+        SAS_PROVISIONING,
+        localid=LocalId(DOMAIN),
+        principal=[
+            Principal(2101, "glaze-agent"),
+            Principal(2102, "kiln-monitor", ["device"]),
+            Principal(2103, "kiln-relay", ["module", "local"]),
+        ],
+    )
 
 
-def test_original_good_local_opts(caplog: pytest.LogCaptureFixture) -> None:
+def test_local_only_config(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="aziot.config.identityd"):
-        config = parse(GOOD_LOCAL_OPTS)
+        config = parse(LOCAL_ONLY_CONFIG)
     assert config == basic(
         Provisioning(NoProvisioning()),
-        localid=LocalId("example.com"),
+        localid=LocalId(DOMAIN),
         endpoints=Endpoints(
-            aziot_certd="unix:///var/run/aziot/certd.sock",
-            aziot_identityd="unix:///var/run/aziot/identityd.sock",
-            aziot_keyd="unix:///var/run/aziot/keyd.sock",
-            aziot_tpmd="unix:///var/run/aziot/tpmd.sock",
+            aziot_certd="unix:///run/kiln/certd.sock",
+            aziot_identityd="unix:///run/kiln/identityd.sock",
+            aziot_keyd="unix:///run/kiln/keyd.sock",
+            aziot_tpmd="unix:///run/kiln/tpmd.sock",
         ),
         principal=[
-            Principal(1000, "module1", ["local"]),
-            Principal(1001, "module2", ["local"], LocalIdOpts("x509", "client")),
-            Principal(1002, "module3", ["local"], LocalIdOpts("x509", "server")),
+            Principal(3001, "tile-sorter", ["local"]),
+            Principal(3002, "tile-camera", ["local"], LocalIdOpts("x509", "client")),
+            Principal(3003, "tile-dashboard", ["local"], LocalIdOpts("x509", "server")),
         ],
     )
     # The old [connect] and [listen] tables are ignored, as serde does, but said.
     assert "connect: ignored" in caplog.text and "listen: ignored" in caplog.text
 
 
-def test_original_bad_config_refused() -> None:
-    message = refused(BAD_CONFIG)
-    assert "provisioning.source" in message and "'dps2'" in message
-
-
-def test_original_bad_local_config_refused() -> None:
-    message = refused(BAD_LOCAL_CONFIG)
-    assert "principal[0].idtype" in message and "[localid]" in message
-
-
-# aziotctl config apply's outputs ----------------------------------------------------------------
-
-
-def test_apply_local_gateway() -> None:
-    assert parse(APPLY_LOCAL_GATEWAY) == applied(
-        Provisioning(Manual(HUB, "my-device", ManualSas("device-id")), "my-gateway-device")
+def test_by_hand_manual_x509_and_dps_bases() -> None:
+    # The bases the refusals break must themselves be good, or those refusals prove nothing.
+    assert parse(MANUAL_X509) == basic(
+        Provisioning(Manual(HUB, DEVICE_ID, ManualX509("glaze-cert", "glaze-cert-key")))
     )
-
-
-def test_apply_dps_tpm() -> None:
-    assert parse(APPLY_DPS_TPM) == applied(
-        Provisioning(Dps(DPS_ENDPOINT, "0ab1234C5D6", TpmAttestation("my-device")))
+    assert parse(DPS_TPM) == basic(
+        Provisioning(Dps(DPS_ENDPOINT, SCOPE_ID, TpmAttestation(REGISTRATION_ID)))
     )
-
-
-def test_apply_dps_x509_subject_and_auto_renew() -> None:
-    assert parse(APPLY_DPS_X509_AUTO_RENEW) == applied(
+    assert parse(DPS_X509_RENEWED) == basic(
         Provisioning(
             Dps(
                 DPS_ENDPOINT,
-                "0ab1234C5D6",
+                SCOPE_ID,
                 X509Attestation(
-                    "device-id",
-                    "device-id",
-                    CsrSubject("my-device", {"L": "AQ", "ST": "Antarctica"}),
-                    AutoRenew(rotate_key=False, threshold="50%", retry="10%"),
+                    "glaze-cert",
+                    "glaze-cert-key",
+                    CsrSubject(REGISTRATION_ID, {"O": "Kiln Works", "OU": "Glazing"}),
+                    AutoRenew(rotate_key=False, threshold="3day", retry="20%"),
                 ),
             )
         )
     )
 
 
-def test_apply_dps_x509_string_registration_id() -> None:
-    config = parse(APPLY_DPS_X509_STRING_ID)
-    assert isinstance(config.provisioning.kind, Dps)
-    assert config.provisioning.kind.attestation == X509Attestation(
-        "device-id", "device-id", CsrSubject("my-device"), AutoRenew(True, "90%", "1%")
+def test_an_unknown_source_refused() -> None:
+    message = refused(BAD_SOURCE_CONFIG)
+    assert "provisioning.source" in message and "'dps-v2'" in message
+
+
+def test_a_local_principal_without_localid_refused() -> None:
+    message = refused(LOCAL_WITHOUT_DOMAIN)
+    assert "principal[0].idtype" in message and "[localid]" in message
+
+
+# What `aziotctl config apply` writes, identityd reads ---------------------------------------------
+
+# Each golden vector's identityd config as identityd's parser must type it. Apply renders under
+# Layout() at /, so the homedir is the installed one.
+APPLIED_HOMEDIR = Path("/var/lib/aziot/identityd")
+V_HUB = apply_vectors.HUB
+V_DPS = apply_vectors.DPS_ENDPOINT
+V_SCOPE = apply_vectors.SCOPE
+DEVICE_KEY = "device-id"  # apply's key and cert id for the device identity
+
+
+def _applied(provisioning: Provisioning, **fields: object) -> IdentitydConfig:
+    return IdentitydConfig(
+        apply_vectors.HOSTNAME,
+        APPLIED_HOMEDIR,
+        provisioning,
+        **fields,  # type: ignore[arg-type]
     )
 
 
-def test_apply_manual_x509() -> None:
-    assert parse(APPLY_MANUAL_X509) == applied(
-        Provisioning(Manual(HUB, "my-device", ManualX509("device-id", "device-id")))
-    )
-    assert parse(APPLY_MANUAL_X509_SUBJECT).provisioning.kind == Manual(
-        HUB,
-        "my-device",
-        ManualX509(
-            "device-id", "device-id", CsrSubject("my-device", {"L": "AQ", "ST": "Antarctica"})
-        ),
+def _manual_sas(device_id: str) -> Provisioning:
+    return Provisioning(Manual(V_HUB, device_id, ManualSas(DEVICE_KEY)))
+
+
+def _manual_x509(device_id: str, subject: CsrSubject | None = None) -> Provisioning:
+    return Provisioning(Manual(V_HUB, device_id, ManualX509(DEVICE_KEY, DEVICE_KEY, subject)))
+
+
+def _dps_x509(subject: CsrSubject, renew: AutoRenew | None = None) -> Provisioning:
+    return Provisioning(
+        Dps(V_DPS, V_SCOPE, X509Attestation(DEVICE_KEY, DEVICE_KEY, subject, renew))
     )
 
 
-def test_apply_throttle_and_prefer_cache() -> None:
-    config = parse(APPLY_THROTTLE)
-    assert config.max_requests == 50
-    assert config.prefer_module_identity_cache is True
+def _dps_sas(registration_id: str) -> Provisioning:
+    return Provisioning(Dps(V_DPS, V_SCOPE, SymmetricKeyAttestation(registration_id, DEVICE_KEY)))
+
+
+APPLIED = {
+    "manual-connection-string": _applied(
+        _manual_sas("press-04"), prefer_module_identity_cache=True
+    ),
+    "manual-symmetric-key": _applied(_manual_sas("press-05")),
+    "manual-symmetric-key-no-pad": _applied(_manual_sas("press-05b")),
+    "manual-x509": _applied(_manual_x509("press-06")),
+    "manual-x509-pkcs11": _applied(_manual_x509("press-07")),
+    "manual-x509-est-custom": _applied(_manual_x509("press-08")),
+    "manual-x509-est-custom-http": _applied(_manual_x509("press-09")),
+    # The subject's names upper-cased and sorted, the CN the device id.
+    "manual-x509-est-subject-dn": _applied(
+        _manual_x509("press-10", CsrSubject("press-10", {"C": "NZ", "O": "Orchard Ltd"}))
+    ),
+    "local-gateway": _applied(
+        Provisioning(Manual(V_HUB, "child-21", ManualSas(DEVICE_KEY)), "parent-edge.orchard.lan")
+    ),
+    "throttle-limits": _applied(_manual_sas("busy-22"), max_requests=34),
+    "dps-symmetric-key": _applied(_dps_sas("hall-b-sensor-1")),
+    "dps-symmetric-key-no-pad": _applied(_dps_sas("hall-b-sensor-2")),
+    "dps-tpm": _applied(Provisioning(Dps(V_DPS, V_SCOPE, TpmAttestation("hall-b-tpm-3")))),
+    # A string registration id is a subject of its CN alone.
+    "dps-x509": _applied(_dps_x509(CsrSubject("hall-b-cam-4"))),
+    "dps-x509-pkcs11": _applied(_dps_x509(CsrSubject("hall-b-cam-5"))),
+    "dps-x509-pkcs11-est": _applied(_dps_x509(CsrSubject("hall-b-cam-6"))),
+    "dps-x509-pkcs11-est-bootstrap": _applied(
+        _dps_x509(CsrSubject("hall-b-cam-7"), AutoRenew(True, "75%", "2%"))
+    ),
+    "dps-x509-pkcs11-est-custom-bootstrap": _applied(_dps_x509(CsrSubject("hall-b-cam-8"))),
+    "dps-x509-pkcs11-est-subject-dn-bootstrap": _applied(
+        _dps_x509(CsrSubject("hall-b-cam-9", {"O": "Orchard Ltd", "OU": "Cameras"}))
+    ),
+    "dps-x509-est-bootstrap-auto-renew": _applied(
+        _dps_x509(
+            CsrSubject("hall-c-gate-1", {"L": "Nelson", "O": "Orchard Ltd"}),
+            AutoRenew(rotate_key=False, threshold="2day", retry="15%"),
+        )
+    ),
+    "dps-x509-pkcs11-localca": _applied(_dps_x509(CsrSubject("hall-c-gate-2"))),
+    "manual-x509-local-ca-issued": _applied(_manual_x509("press-11")),
+}
+
+
+def rendered_identityd(vector: Vector) -> str:
+    """The identityd config text `aziotctl config apply` writes for `vector`."""
+    layout = Layout()
+    result = apply_cmd.render(
+        parse_super_config_text(vector.config, "/etc/aziot/config.toml"),
+        identityd_uid=IS_UID,
+        certd_uid=CS_UID,
+        hostname=apply_vectors.HOSTNAME,
+        layout=layout,
+    )
+    apply_cmd.check_rendered(result, layout)
+    return result.text("identityd")
+
+
+def test_every_vector_has_its_typed_identityd_config() -> None:
+    assert set(APPLIED) == set(BY_NAME)
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v.name for v in VECTORS])
+def test_identityd_reads_what_apply_writes(vector: Vector) -> None:
+    text = rendered_identityd(vector)
+    assert tomli.loads(text) == vector.identityd
+    source = str(Layout().applied_config("identityd"))
+    config = parse_identityd(tomli.loads(text), Source(source, text))
+    assert config == APPLIED[vector.name]
+    # Spelled out where the default would hide a field that was not carried over.
+    assert config.prefer_module_identity_cache is (vector.name == "manual-connection-string")
+    assert config.max_requests == (34 if vector.name == "throttle-limits" else 10)
+    assert config.principal == [] and config.localid is None
 
 
 # Defaults and values -----------------------------------------------------------------------------
 
 
 def test_defaults() -> None:
-    config = parse(GOOD_SAS_CONFIG)
+    config = parse(SAS_CONFIG)
     assert config.prefer_module_identity_cache is False
     assert config.max_requests == 10
     assert config.cloud_timeout_sec == 70
@@ -438,20 +485,19 @@ def test_defaults() -> None:
 
 
 def test_cloud_knobs() -> None:
-    config = parse(
-        "cloud_timeout_sec = 300\ncloud_retries = 0\nmax_requests = 3\n" + GOOD_SAS_CONFIG
-    )
+    config = parse("cloud_timeout_sec = 300\ncloud_retries = 0\nmax_requests = 3\n" + SAS_CONFIG)
     assert (config.cloud_timeout_sec, config.cloud_retries, config.max_requests) == (300, 0, 3)
 
 
 def test_csr_subject_keys_upper_cased_and_sorted() -> None:
     text = (
-        APPLY_MANUAL_X509 + 'csr_subject = { st = "Antarctica", cn = "x", o = "Org", L = "AQ" }\n'
+        MANUAL_X509
+        + 'csr_subject = { st = "Otago", cn = "glaze", o = "Kiln Works", L = "Dunedin" }\n'
     )
     kind = parse(text).provisioning.kind
     assert isinstance(kind, Manual) and isinstance(kind.authentication, ManualX509)
     subject = kind.authentication.csr_subject
-    assert subject == CsrSubject("x", {"L": "AQ", "O": "Org", "ST": "Antarctica"})
+    assert subject == CsrSubject("glaze", {"L": "Dunedin", "O": "Kiln Works", "ST": "Otago"})
     assert list(subject.rest) == ["L", "O", "ST"]
 
 
@@ -474,7 +520,7 @@ def test_none_provisioning_allows_untyped_and_local_principals() -> None:
 
 def test_duplicate_uids_refused() -> None:
     text = (
-        GOOD_SAS_CONFIG
+        SAS_CONFIG
         + '[[principal]]\nuid = 5\nname = "a"\n[[principal]]\nuid = 5\nname = "b"\nidtype = ["module"]\n'
     )
     message = refused(text)
@@ -487,7 +533,7 @@ def test_duplicate_uids_refused() -> None:
 
 def test_duplicate_principal_names_refused() -> None:
     text = (
-        GOOD_SAS_CONFIG
+        SAS_CONFIG
         + '[[principal]]\nuid = 1\nname = "m"\n[[principal]]\nuid = 2\nname = "m"\nidtype = ["module"]\n'
     )
     message = refused(text)
@@ -497,7 +543,7 @@ def test_duplicate_principal_names_refused() -> None:
 
 def test_localid_options_without_local_refused() -> None:
     text = (
-        GOOD_SAS_CONFIG
+        SAS_CONFIG
         + '[localid]\ndomain = "d"\n[[principal]]\nuid = 1\nname = "m"\nidtype = ["module"]\n'
         + 'localid = { type = "x509" }\n'
     )
@@ -507,7 +553,7 @@ def test_localid_options_without_local_refused() -> None:
 
 def test_localid_options_on_untyped_principal_refused() -> None:
     text = (
-        GOOD_SAS_CONFIG
+        SAS_CONFIG
         + '[localid]\ndomain = "d"\n[[principal]]\nuid = 1\nname = "d"\nlocalid = { type = "x509" }\n'
     )
     assert "principal[0].localid" in refused(text)
@@ -524,9 +570,7 @@ def test_hub_identity_without_provisioning_refused(idtype: str) -> None:
 
 
 def test_dps_in_nested_mode_refused() -> None:
-    text = GOOD_DPS_CONFIG.replace(
-        'source = "dps"', 'source = "dps"\nlocal_gateway_hostname = "gw"'
-    )
+    text = DPS_CONFIG.replace('source = "dps"', 'source = "dps"\nlocal_gateway_hostname = "gw"')
     message = refused(text)
     assert "provisioning.local_gateway_hostname" in message and "nested mode" in message
 
@@ -538,80 +582,83 @@ def test_dps_in_nested_mode_refused() -> None:
     ("text", "named"),
     [
         # top level
-        (GOOD_SAS_CONFIG.replace('hostname = "iotedge"\n', ""), "hostname: is missing"),
+        (SAS_CONFIG.replace(f'hostname = "{HOST}"\n', ""), "hostname: is missing"),
         (
-            GOOD_SAS_CONFIG.replace('homedir = "/var/lib/aziot/identityd"\n', ""),
+            SAS_CONFIG.replace(f'homedir = "{HOMEDIR}"\n', ""),
             "homedir: is missing",
         ),
         (HEAD, "provisioning: is missing"),
-        ("hostname = 5\n" + GOOD_SAS_CONFIG.split("\n", 2)[2], "hostname: expected a string"),
-        ("cloud_timeout_sec = 69\n" + GOOD_SAS_CONFIG, "cloud_timeout_sec: 69 is out of range"),
-        ('cloud_timeout_sec = "70"\n' + GOOD_SAS_CONFIG, "cloud_timeout_sec: expected an integer"),
-        ("cloud_retries = -1\n" + GOOD_SAS_CONFIG, "cloud_retries: -1 is out of range"),
-        ("cloud_retries = 4294967296\n" + GOOD_SAS_CONFIG, "cloud_retries: 4294967296 is out"),
-        ("max_requests = 0\n" + GOOD_SAS_CONFIG, "max_requests: 0 is out of range"),
+        (SAS_CONFIG.replace(f'"{HOST}"', "5"), "hostname: expected a string"),
+        ("cloud_timeout_sec = 69\n" + SAS_CONFIG, "cloud_timeout_sec: 69 is out of range"),
+        ('cloud_timeout_sec = "70"\n' + SAS_CONFIG, "cloud_timeout_sec: expected an integer"),
+        ("cloud_retries = -1\n" + SAS_CONFIG, "cloud_retries: -1 is out of range"),
+        ("cloud_retries = 4294967296\n" + SAS_CONFIG, "cloud_retries: 4294967296 is out"),
+        ("max_requests = 0\n" + SAS_CONFIG, "max_requests: 0 is out of range"),
         (
-            'prefer_module_identity_cache = "yes"\n' + GOOD_SAS_CONFIG,
+            'prefer_module_identity_cache = "yes"\n' + SAS_CONFIG,
             "prefer_module_identity_cache: expected true or false",
         ),
-        ("cloud_timeout = 100\n" + GOOD_SAS_CONFIG, "cloud_timeout: unknown key"),
-        ("principal = 5\n" + GOOD_SAS_CONFIG, "principal: expected an array of tables"),
-        (GOOD_SAS_CONFIG + "[localid]\n", "localid.domain: is missing"),
+        ("cloud_timeout = 100\n" + SAS_CONFIG, "cloud_timeout: unknown key"),
+        ("principal = 5\n" + SAS_CONFIG, "principal: expected an array of tables"),
+        (SAS_CONFIG + "[localid]\n", "localid.domain: is missing"),
         (
-            GOOD_SAS_CONFIG + '[localid]\ndomain = "d"\ndomian = "d"\n',
+            SAS_CONFIG + '[localid]\ndomain = "d"\ndomian = "d"\n',
             "localid.domian: unknown key",
         ),
-        (GOOD_SAS_CONFIG + '[endpoints]\naziot_keyd = "/run/keyd.sock"\n', "endpoints.aziot_keyd"),
+        (SAS_CONFIG + '[endpoints]\naziot_keyd = "/run/keyd.sock"\n', "endpoints.aziot_keyd"),
         (
-            GOOD_SAS_CONFIG + '[endpoints]\naziot_keys = "unix:///k"\n',
+            SAS_CONFIG + '[endpoints]\naziot_keys = "unix:///k"\n',
             "endpoints.aziot_keys: unknown key",
         ),
-        (GOOD_SAS_CONFIG + "[connect]\napi_uri = 5\n", None),  # legacy, ignored
-        ("connect = 5\n" + GOOD_SAS_CONFIG, "connect: expected a table"),
+        (SAS_CONFIG + "[connect]\napi_uri = 5\n", None),  # legacy, ignored
+        ("connect = 5\n" + SAS_CONFIG, "connect: expected a table"),
         # provisioning
         (
-            GOOD_SAS_CONFIG.replace('source = "manual"\n', ""),
+            SAS_CONFIG.replace('source = "manual"\n', ""),
             "provisioning.source: is missing: expected one of",
         ),
-        (GOOD_SAS_CONFIG.replace('"manual"', '"Manual"'), "provisioning.source: expected one of"),
+        (SAS_CONFIG.replace('"manual"', '"Manual"'), "provisioning.source: expected one of"),
         (
-            GOOD_SAS_CONFIG.replace('"manual"', '"none"'),
+            SAS_CONFIG.replace('"manual"', '"none"'),
             "provisioning.authentication: unknown key (and provisioning.device_id, provisioning.iothub_hostname)",
         ),
         (
-            GOOD_SAS_CONFIG.replace('device_id = "deviceid"', 'device_id = ""'),
+            SAS_CONFIG.replace(f'device_id = "{DEVICE_ID}"', 'device_id = ""'),
             "provisioning.device_id: is empty",
         ),
         (
-            GOOD_SAS_CONFIG.replace('device_id = "deviceid"', "device_id = 1"),
+            SAS_CONFIG.replace(f'device_id = "{DEVICE_ID}"', "device_id = 1"),
             "provisioning.device_id: expected a string",
         ),
         (
-            GOOD_SAS_CONFIG.replace('iothub_hostname = "hubname"\n', ""),
+            SAS_CONFIG.replace(f'iothub_hostname = "{HUB}"\n', ""),
             "provisioning.iothub_hostname: is missing",
         ),
         (
-            GOOD_SAS_CONFIG.replace('hubname"', 'hubname"\nhub_name = "x"'),
+            SAS_CONFIG.replace(f'{HUB}"', f'{HUB}"\nhub_name = "x"'),
             "provisioning.hub_name: unknown key",
         ),
         (
-            GOOD_SAS_CONFIG.replace(
-                'hubname"',
-                'hubname"\nconnection_string = "HostName=h;DeviceId=d;SharedAccessKey=k"',
+            SAS_CONFIG.replace(
+                f'{HUB}"',
+                f'{HUB}"\nconnection_string = "HostName=h;DeviceId=d;SharedAccessKey=k"',
             ),
             "provisioning.connection_string: identityd does not read connection strings",
         ),
         (
-            GOOD_SAS_CONFIG.replace('method = "sas"', 'method = "symmetric_key"'),
+            SAS_CONFIG.replace('method = "sas"', 'method = "symmetric_key"'),
             "provisioning.authentication.method: expected one of 'sas', 'x509', found 'symmetric_key'",
         ),
         (
-            GOOD_SAS_CONFIG.replace('device_id_pk = "sas"', 'device_id_pk = { value = "abc=" }'),
+            SAS_CONFIG.replace(
+                f'device_id_pk = "{SAS_KEY_ID}"', 'device_id_pk = { value = "abc=" }'
+            ),
             "provisioning.authentication.device_id_pk: expected a string, found a table",
         ),
         (
-            GOOD_SAS_CONFIG.replace(
-                'device_id_pk = "sas"', 'device_id_pk = "sas"\nidentity_cert = "c"'
+            SAS_CONFIG.replace(
+                f'device_id_pk = "{SAS_KEY_ID}"',
+                f'device_id_pk = "{SAS_KEY_ID}"\nidentity_cert = "c"',
             ),
             "provisioning.authentication.identity_cert: unknown key",
         ),
@@ -620,169 +667,169 @@ def test_dps_in_nested_mode_refused() -> None:
             "provisioning.authentication: is missing",
         ),
         (
-            APPLY_MANUAL_X509.replace('identity_pk = "device-id"\n', ""),
+            MANUAL_X509.replace('identity_pk = "glaze-cert-key"\n', ""),
             "provisioning.authentication.identity_pk: is missing",
         ),
         (
-            APPLY_MANUAL_X509 + 'csr_subject = { L = "AQ" }\n',
+            MANUAL_X509 + 'csr_subject = { L = "Dunedin" }\n',
             "provisioning.authentication.csr_subject: a subject table needs CN",
         ),
         (
-            APPLY_MANUAL_X509 + "csr_subject = 5\n",
+            MANUAL_X509 + "csr_subject = 5\n",
             "provisioning.authentication.csr_subject: expected a common name",
         ),
         (
-            APPLY_MANUAL_X509 + 'csr_subject = { CN = "a", L = 1 }\n',
+            MANUAL_X509 + 'csr_subject = { CN = "a", L = 1 }\n',
             "provisioning.authentication.csr_subject.L: expected a string",
         ),
         (
-            APPLY_MANUAL_X509 + 'csr_subject = { CN = "a", cn = "b" }\n',
+            MANUAL_X509 + 'csr_subject = { CN = "a", cn = "b" }\n',
             "provisioning.authentication.csr_subject.cn: CN is given twice",
         ),
         # dps
         (
-            GOOD_DPS_CONFIG.replace("http://globaldevices.net", "globaldevices.net"),
-            "provisioning.global_endpoint: 'globaldevices.net' is not an http:// or https:// URL",
+            DPS_CONFIG.replace(DPS_ENDPOINT, "dps.kiln.example/"),
+            "provisioning.global_endpoint: 'dps.kiln.example/' is not an http:// or https:// URL",
         ),
         (
-            GOOD_DPS_CONFIG.replace("http://globaldevices.net", "ftp://globaldevices.net"),
+            DPS_CONFIG.replace(DPS_ENDPOINT, "ftp://dps.kiln.example/"),
             "provisioning.global_endpoint: 'ftp://",
         ),
         (
-            GOOD_DPS_CONFIG.replace('"scope_id"', '"id_scope"'),
+            DPS_CONFIG.replace('"scope_id"', '"id_scope"'),
             "provisioning.id_scope: identityd's config spells it scope_id",
         ),
         (
-            GOOD_DPS_CONFIG.replace('"scope_id" = "scope"\n', ""),
+            DPS_CONFIG.replace(SCOPE_LINE, ""),
             "provisioning.scope_id: is missing",
         ),
         (
-            GOOD_DPS_WITH_PAYLOAD.replace("file:///tmp", "https://example.com"),
-            "provisioning.payload.uri: 'https://example.com/complex_payload.json' is not a file:// URI",
+            DPS_WITH_PAYLOAD.replace(PAYLOAD_DIR, "https://kiln.example/dps"),
+            "provisioning.payload.uri: 'https://kiln.example/dps/enrollment-data.json' is not a file:// URI",
         ),
         (
-            GOOD_DPS_WITH_PAYLOAD.replace("file:///tmp", "file://otherhost/tmp"),
+            DPS_WITH_PAYLOAD.replace(PAYLOAD_DIR, "file://kiln-nas/srv/kiln/dps"),
             "provisioning.payload.uri",
         ),
         (
-            GOOD_DPS_WITH_PAYLOAD.replace('uri = "file', 'url = "file'),
+            DPS_WITH_PAYLOAD.replace('uri = "file', 'url = "file'),
             "provisioning.payload.uri: is missing",
         ),
         (
-            GOOD_DPS_WITH_PAYLOAD.replace(
-                'payload = { uri = "file:///tmp/complex_payload.json" }',
-                'payload = "file:///tmp/p.json"',
-            ),
+            DPS_WITH_PAYLOAD.replace(PAYLOAD_LINE, f'payload = "{PAYLOAD_URI}"\n'),
             "provisioning.payload: expected a table",
         ),
         (
-            GOOD_DPS_WITH_PAYLOAD.replace('.json" }', '.json", extra = 1 }'),
+            DPS_WITH_PAYLOAD.replace('.json" }', '.json", extra = 1 }'),
             "provisioning.payload.extra: unknown key",
         ),
         (
-            GOOD_DPS_CONFIG.split("[provisioning.attestation]")[0],
+            DPS_CONFIG.split("[provisioning.attestation]")[0],
             "provisioning.attestation: is missing",
         ),
         (
-            GOOD_DPS_CONFIG.replace('method = "symmetric_key"', 'method = "sas"'),
+            DPS_CONFIG.replace('method = "symmetric_key"', 'method = "sas"'),
             "provisioning.attestation.method: expected one of",
         ),
         (
-            GOOD_DPS_CONFIG.replace('registration_id = "regid"\n', ""),
+            DPS_CONFIG.replace(f'registration_id = "{REGISTRATION_ID}"\n', ""),
             "provisioning.attestation.registration_id: is missing",
         ),
         (
-            GOOD_DPS_CONFIG.replace('symmetric_key = "dps"', 'symmetric_key = { value = "abc=" }'),
+            DPS_CONFIG.replace(
+                f'symmetric_key = "{DPS_KEY_ID}"', 'symmetric_key = { value = "abc=" }'
+            ),
             "provisioning.attestation.symmetric_key: expected a string",
         ),
         (
-            GOOD_DPS_CONFIG.replace(
-                'symmetric_key = "dps"', 'symmetric_key = "dps"\nregistraton_id = "x"'
+            DPS_CONFIG.replace(
+                f'symmetric_key = "{DPS_KEY_ID}"',
+                f'symmetric_key = "{DPS_KEY_ID}"\nregistraton_id = "x"',
             ),
             "provisioning.attestation.registraton_id: unknown key",
         ),
         (
-            APPLY_DPS_TPM + 'identity_cert = "c"\n',
+            DPS_TPM + 'identity_cert = "c"\n',
             "provisioning.attestation.identity_cert: unknown key",
         ),
         (
-            APPLY_DPS_TPM.replace(
-                'registration_id = "my-device"', 'registration_id = { CN = "x" }'
+            DPS_TPM.replace(
+                f'registration_id = "{REGISTRATION_ID}"', 'registration_id = { CN = "x" }'
             ),
             "provisioning.attestation.registration_id: expected a string",
         ),
         (
-            APPLY_DPS_X509_AUTO_RENEW.replace("rotate_key = false\n", ""),
+            DPS_X509_RENEWED.replace("rotate_key = false\n", ""),
             "provisioning.attestation.identity_auto_renew.rotate_key: is missing",
         ),
         (
-            APPLY_DPS_X509_AUTO_RENEW.replace('threshold = "50%"\n', ""),
+            DPS_X509_RENEWED.replace('threshold = "3day"\n', ""),
             "provisioning.attestation.identity_auto_renew.threshold: is missing",
         ),
         (
-            APPLY_DPS_X509_AUTO_RENEW.replace('retry = "10%"\n', ""),
+            DPS_X509_RENEWED.replace('retry = "20%"\n', ""),
             "provisioning.attestation.identity_auto_renew.retry: is missing",
         ),
         (
-            APPLY_DPS_X509_AUTO_RENEW.replace('retry = "10%"', "retry = 10"),
+            DPS_X509_RENEWED.replace('retry = "20%"', "retry = 10"),
             "provisioning.attestation.identity_auto_renew.retry: expected a string",
         ),
         (
-            APPLY_DPS_X509_AUTO_RENEW + "rotate = true\n",
+            DPS_X509_RENEWED + "rotate = true\n",
             "provisioning.attestation.identity_auto_renew.rotate: unknown key",
         ),
         (
-            APPLY_DPS_X509_AUTO_RENEW.replace('CN = "my-device"\n', ""),
+            DPS_X509_RENEWED.replace(f'CN = "{REGISTRATION_ID}"\n', ""),
             "provisioning.attestation.registration_id: a subject table needs CN",
         ),
         # principals
-        (GOOD_SAS_CONFIG + '[[principal]]\nname = "m"\n', "principal[0].uid: is missing"),
+        (SAS_CONFIG + '[[principal]]\nname = "m"\n', "principal[0].uid: is missing"),
         (
-            GOOD_SAS_CONFIG + '[[principal]]\nuid = -1\nname = "m"\n',
+            SAS_CONFIG + '[[principal]]\nuid = -1\nname = "m"\n',
             "principal[0].uid: -1 is out of range",
         ),
         (
-            GOOD_SAS_CONFIG + '[[principal]]\nuid = 4294967296\nname = "m"\n',
+            SAS_CONFIG + '[[principal]]\nuid = 4294967296\nname = "m"\n',
             "principal[0].uid: 4294967296 is out of range",
         ),
         (
-            GOOD_SAS_CONFIG + '[[principal]]\nuid = "1000"\nname = "m"\n',
+            SAS_CONFIG + '[[principal]]\nuid = "1000"\nname = "m"\n',
             "principal[0].uid: expected an integer",
         ),
-        (GOOD_SAS_CONFIG + "[[principal]]\nuid = 1\n", "principal[0].name: is missing"),
+        (SAS_CONFIG + "[[principal]]\nuid = 1\n", "principal[0].name: is missing"),
         (
-            GOOD_SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nidtype = "module"\n',
+            SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nidtype = "module"\n',
             "principal[0].idtype: expected an array",
         ),
         (
-            GOOD_SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nidtype = ["modul"]\n',
+            SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nidtype = ["modul"]\n',
             "principal[0].idtype: expected an array of 'device', 'module', 'local', found 'modul'",
         ),
         (
-            GOOD_SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nidtype = [1]\n',
+            SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nidtype = [1]\n',
             "found an integer",
         ),
         (
-            GOOD_SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nid_type = ["module"]\n',
+            SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nid_type = ["module"]\n',
             "principal[0].id_type: unknown key",
         ),
         (
-            GOOD_SAS_CONFIG
+            SAS_CONFIG
             + '[localid]\ndomain = "d"\n[[principal]]\nuid = 1\nname = "m"\nidtype = ["local"]\nlocalid = { attributes = "server" }\n',
             "principal[0].localid.type: is missing: expected one of 'x509'",
         ),
         (
-            GOOD_SAS_CONFIG
+            SAS_CONFIG
             + '[localid]\ndomain = "d"\n[[principal]]\nuid = 1\nname = "m"\nidtype = ["local"]\nlocalid = { type = "x509", attributes = "both" }\n',
             "principal[0].localid.attributes: expected one of 'client', 'server', found 'both'",
         ),
         (
-            GOOD_SAS_CONFIG
+            SAS_CONFIG
             + '[localid]\ndomain = "d"\n[[principal]]\nuid = 1\nname = "m"\nidtype = ["local"]\nlocalid = { type = "x509", attribute = "server" }\n',
             "principal[0].localid.attribute: unknown key",
         ),
         (
-            GOOD_SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\ncerts = ["x"]\n',
+            SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\ncerts = ["x"]\n',
             "principal[0].certs: unknown key",
         ),
     ],
@@ -812,7 +859,7 @@ def write_paths(tmp_path: Path, base: str | None, extra: dict[str, str]) -> Serv
 def test_config_d_principals_accumulate(tmp_path: Path) -> None:
     paths = write_paths(
         tmp_path,
-        GOOD_SAS_CONFIG + '[[principal]]\nuid = 1\nname = "base"\nidtype = ["device"]\n',
+        SAS_CONFIG + '[[principal]]\nuid = 1\nname = "base"\nidtype = ["device"]\n',
         {
             "50-edge.toml": '[[principal]]\nuid = 2\nname = "edged"\n',
             "60-modules.toml": (
@@ -829,13 +876,13 @@ def test_config_d_principals_accumulate(tmp_path: Path) -> None:
     assert config.principal[3] == Principal(4, "m2", ["module", "local"])
     assert config.localid == LocalId("example.com")
     assert config.cloud_timeout_sec == 120
-    assert config.provisioning.kind == Manual("hubname", "deviceid", ManualSas("sas"))
+    assert config.provisioning.kind == SAS_PROVISIONING.kind
 
 
 def test_config_d_overrides_provisioning_keys(tmp_path: Path) -> None:
     paths = write_paths(
         tmp_path,
-        GOOD_SAS_CONFIG,
+        SAS_CONFIG,
         {"10-hub.toml": '[provisioning]\niothub_hostname = "other-hub"\n'},
     )
     kind = load_identityd(paths).provisioning.kind
@@ -845,7 +892,7 @@ def test_config_d_overrides_provisioning_keys(tmp_path: Path) -> None:
 def test_config_d_refusal_names_the_file(tmp_path: Path) -> None:
     paths = write_paths(
         tmp_path,
-        GOOD_SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nidtype = ["module"]\n',
+        SAS_CONFIG + '[[principal]]\nuid = 1\nname = "m"\nidtype = ["module"]\n',
         {
             "50-a.toml": '[[principal]]\nuid = 2\nname = "ok"\n',
             "60-b.toml": '[[principal]]\nuid = 3\nname = "m"\nidtype = ["module"]\n',
@@ -854,7 +901,7 @@ def test_config_d_refusal_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_identityd(paths)
     # Each principal where its file has it: the third is the drop-in's first, on its line 1.
-    first_line = GOOD_SAS_CONFIG.count("\n") + 1
+    first_line = SAS_CONFIG.count("\n") + 1
     assert str(caught.value) == (
         f"{paths.config_dir / '60-b.toml'}:3: principal[2].name: duplicate module name 'm' "
         f"(also principal[0] ({paths.config_file}:{first_line}))"
@@ -863,7 +910,7 @@ def test_config_d_refusal_names_the_file(tmp_path: Path) -> None:
 
 def test_config_d_unknown_key_names_the_file(tmp_path: Path) -> None:
     paths = write_paths(
-        tmp_path, GOOD_SAS_CONFIG, {"50-typo.toml": '[provisioning]\ndevice_idd = "x"\n'}
+        tmp_path, SAS_CONFIG, {"50-typo.toml": '[provisioning]\ndevice_idd = "x"\n'}
     )
     with pytest.raises(ConfigError) as caught:
         load_identityd(paths)
@@ -882,7 +929,7 @@ def test_config_d_missing_key_names_the_table_file(tmp_path: Path) -> None:
 
 
 def test_single_file_refusal_names_it(tmp_path: Path) -> None:
-    paths = write_paths(tmp_path, "cloud_timeout_sec = 10\n" + GOOD_SAS_CONFIG, {})
+    paths = write_paths(tmp_path, "cloud_timeout_sec = 10\n" + SAS_CONFIG, {})
     with pytest.raises(ConfigError) as caught:
         load_identityd(paths)
     assert str(caught.value).startswith(f"{paths.config_file}:1: cloud_timeout_sec: 10 is out")
@@ -890,7 +937,7 @@ def test_single_file_refusal_names_it(tmp_path: Path) -> None:
 
 def test_a_refusal_of_a_text_names_the_line_of_an_inline_key() -> None:
     text = (
-        GOOD_SAS_CONFIG
+        SAS_CONFIG
         + '[localid]\ndomain = "d"\n[[principal]]\nuid = 1\nname = "m"\nidtype = ["local"]\n'
         + '[[principal]]\nuid = 2\nname = "n"\nidtype = ["local"]\n'
         + 'localid = { type = "x509", attribute = "server" }\n'
@@ -914,12 +961,12 @@ def test_missing_files(tmp_path: Path) -> None:
 
 
 def test_config_d_only(tmp_path: Path) -> None:
-    paths = write_paths(tmp_path, None, {"00-all.toml": GOOD_SAS_CONFIG})
-    assert load_identityd(paths) == parse(GOOD_SAS_CONFIG)
+    paths = write_paths(tmp_path, None, {"00-all.toml": SAS_CONFIG})
+    assert load_identityd(paths) == parse(SAS_CONFIG)
 
 
 def test_invalid_toml_names_file(tmp_path: Path) -> None:
-    paths = write_paths(tmp_path, GOOD_SAS_CONFIG, {"50-bad.toml": "[[principal]\n"})
+    paths = write_paths(tmp_path, SAS_CONFIG, {"50-bad.toml": "[[principal]\n"})
     with pytest.raises(ConfigError) as caught:
         load_identityd(paths)
     assert str(caught.value).startswith(f"{paths.config_dir / '50-bad.toml'}: not valid TOML")
