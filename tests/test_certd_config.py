@@ -1,6 +1,7 @@
-"""certd's config in process: the original's sample parsed to every field, `config.d` merged,
-the defaults, and every refusal naming the file and the key (spec/provisioning.md §4.3,
-spec/api.md §4.2–§4.4, the original's aziot-certd-config). Three tests start a real aziotd.
+"""certd's config in process: a hand-written config of every shape the parser reads, parsed to
+every field; `config.d` merged, the defaults, and every refusal naming the file and the key
+(spec/provisioning.md §4.3, spec/api.md §4.2–§4.4; the behaviour is the original's
+aziot-certd-config, the values were made up for this project). Three tests start a real aziotd.
 
 The original ignores keys it does not know (serde `flatten`); here they stop the start, so a
 misspelt key is found when the device is installed rather than at its first EST enrollment.
@@ -35,97 +36,101 @@ from tests.daemon import Daemon, keyd_config
 SOURCE = "/etc/aziot/certd/config.toml"
 HOME = 'homedir_path = "/var/lib/aziot/certd"\n'
 
-# The original's `parse_config` test config, verbatim (tab-indented arrays included).
-ORIGINAL_SAMPLE = """
-homedir_path = "/var/lib/aziot/certd"
-max_requests = 50
+# Every shape the parser reads, written for the kiln works' gateway: inline tables (one closed
+# without a space), a full EST table with quoted subject keys, the global EST table, arrays
+# indented with tabs, preloaded certs of both kinds, and a principal.
+SAMPLE_HOMEDIR = "/srv/kiln/certd"
+SAMPLE = f"""
+# certd on the kiln works' gateway
+homedir_path = "{SAMPLE_HOMEDIR}"
+max_requests = 24
 
 [cert_issuance]
-device-ca = { method = "est", common_name = "custom-name" }
-module-id = { method = "self_signed", expiry_days = 90, common_name = "custom-name"}
-module-server = { method = "local_ca" }
+kiln-edge-ca = {{ method = "est", common_name = "Kiln Edge CA" }}
+kiln-module-id = {{ method = "self_signed", common_name = "kiln-module", expiry_days = 45}}
+kiln-tls = {{ method = "local_ca" }}
 
-[cert_issuance.device-id]
+[cert_issuance.glaze-id]
 method = "est"
-url = "https://estendpoint.com/.well-known/est/device-id/"
-username = "username"
-password = "password"
-identity_cert = "device-id"
-identity_pk = "device-id"
-bootstrap_identity_cert = "bootstrap"
-bootstrap_identity_pk = "bootstrap"
-expiry_days = 365
-subject = { "L" = "AQ", "ST" = "Antarctica", "CN" = "test-device" }
+expiry_days = 120
+url = "https://est.kiln.example/.well-known/est/glaze/"
+username = "kiln-enrol"
+password = "fired-clay-9"
+identity_cert = "glaze-est-client"
+identity_pk = "glaze-est-client-key"
+bootstrap_identity_cert = "kiln-factory"
+bootstrap_identity_pk = "kiln-factory-key"
+subject = {{ "OU" = "Glazing", "CN" = "glaze-line-3", "O" = "Kiln Works" }}
 
 [cert_issuance.est]
-identity_cert = "est-id"
-identity_pk = "est-id"
-bootstrap_identity_cert = "bootstrap"
-bootstrap_identity_pk = "bootstrap"
 trusted_certs = [
-\t"est-ca",
+\t"kiln-est-root",
 ]
+identity_cert = "kiln-est-client"
+identity_pk = "kiln-est-client-key"
+bootstrap_identity_cert = "kiln-factory"
+bootstrap_identity_pk = "kiln-factory-key"
 
 [cert_issuance.est.identity_auto_renew]
-rotate_key = true
-threshold = "50%"
-retry = "10%"
+rotate_key = false
+threshold = "14day"
+retry = "6%"
 
 [cert_issuance.est.urls]
-default = "https://estendpoint.com/.well-known/est/"
-device-ca = "https://estendpoint.com/.well-known/est/device-ca/"
+default = "https://est.kiln.example/.well-known/est/"
+kiln-edge-ca = "https://est.kiln.example/.well-known/est/edge-ca/"
 
 [preloaded_certs]
-bootstrap = "file:///var/secrets/bootstrap.cer"
-est-ca = "file:///var/secrets/est-ca.cer"
-trust-bundle = [
-\t"est-ca",
+kiln-factory = "file:///srv/kiln/secrets/factory.pem"
+kiln-est-root = "file:///srv/kiln/secrets/est-root.pem"
+kiln-trust = [
+\t"kiln-est-root",
 ]
 
 [[principal]]
-uid = 1000
-certs = ["test"]
+uid = 2201
+certs = ["kiln-*"]
 """
 
-ORIGINAL_EXPECTED = CertdConfig(
-    homedir=Path("/var/lib/aziot/certd"),
-    max_requests=50,
+SAMPLE_EXPECTED = CertdConfig(
+    homedir=Path(SAMPLE_HOMEDIR),
+    max_requests=24,
     est=Est(
-        trusted_certs=["est-ca"],
+        trusted_certs=["kiln-est-root"],
         auth=EstAuth(
             basic=None,
-            identity=CertKey("est-id", "est-id"),
-            bootstrap_identity=CertKey("bootstrap", "bootstrap"),
+            identity=CertKey("kiln-est-client", "kiln-est-client-key"),
+            bootstrap_identity=CertKey("kiln-factory", "kiln-factory-key"),
         ),
-        identity_auto_renew=AutoRenew(rotate_key=True, threshold="50%", retry="10%"),
+        identity_auto_renew=AutoRenew(rotate_key=False, threshold="14day", retry="6%"),
         urls={
-            "default": "https://estendpoint.com/.well-known/est/",
-            "device-ca": "https://estendpoint.com/.well-known/est/device-ca/",
+            "default": "https://est.kiln.example/.well-known/est/",
+            "kiln-edge-ca": "https://est.kiln.example/.well-known/est/edge-ca/",
         },
     ),
     local_ca=None,
     certs={
-        "device-ca": IssuanceOptions("est", common_name="custom-name"),
-        "module-id": IssuanceOptions("self_signed", expiry_days=90, common_name="custom-name"),
-        "module-server": IssuanceOptions("local_ca"),
-        "device-id": IssuanceOptions(
+        "kiln-edge-ca": IssuanceOptions("est", common_name="Kiln Edge CA"),
+        "kiln-module-id": IssuanceOptions("self_signed", expiry_days=45, common_name="kiln-module"),
+        "kiln-tls": IssuanceOptions("local_ca"),
+        "glaze-id": IssuanceOptions(
             "est",
-            expiry_days=365,
-            subject={"L": "AQ", "ST": "Antarctica", "CN": "test-device"},
-            url="https://estendpoint.com/.well-known/est/device-id/",
+            expiry_days=120,
+            subject={"OU": "Glazing", "CN": "glaze-line-3", "O": "Kiln Works"},
+            url="https://est.kiln.example/.well-known/est/glaze/",
             auth=EstAuth(
-                basic=BasicAuth("username", "password"),
-                identity=CertKey("device-id", "device-id"),
-                bootstrap_identity=CertKey("bootstrap", "bootstrap"),
+                basic=BasicAuth("kiln-enrol", "fired-clay-9"),
+                identity=CertKey("glaze-est-client", "glaze-est-client-key"),
+                bootstrap_identity=CertKey("kiln-factory", "kiln-factory-key"),
             ),
         ),
     },
     preloaded_certs={
-        "bootstrap": "file:///var/secrets/bootstrap.cer",
-        "est-ca": "file:///var/secrets/est-ca.cer",
-        "trust-bundle": ["est-ca"],
+        "kiln-factory": "file:///srv/kiln/secrets/factory.pem",
+        "kiln-est-root": "file:///srv/kiln/secrets/est-root.pem",
+        "kiln-trust": ["kiln-est-root"],
     },
-    principal=[Principal(1000, ["test"])],
+    principal=[Principal(2201, ["kiln-*"])],
     endpoints=Endpoints(),
     not_before_margin_secs=300,
 )
@@ -155,40 +160,41 @@ def paths_in(folder: Path) -> ServicePaths:
 # -- what parses --------------------------------------------------------------------------------
 
 
-def test_the_originals_sample_parses_to_every_field() -> None:
-    config = parse(ORIGINAL_SAMPLE)
-    assert config == ORIGINAL_EXPECTED
+def test_the_sample_parses_to_every_field() -> None:
+    config = parse(SAMPLE)
+    assert config == SAMPLE_EXPECTED
     # Field by field as well, so a mismatch says where it is.
-    assert config.est == ORIGINAL_EXPECTED.est
-    assert config.certs == ORIGINAL_EXPECTED.certs
-    assert list(config.certs["device-id"].subject or {}) == ["L", "ST", "CN"]
-    assert config.preloaded_certs == ORIGINAL_EXPECTED.preloaded_certs
-    assert config.principal == ORIGINAL_EXPECTED.principal
+    assert config.est == SAMPLE_EXPECTED.est
+    assert config.certs == SAMPLE_EXPECTED.certs
+    # The subject's names in the order written: they are the certificate's RDNs, in order.
+    assert list(config.certs["glaze-id"].subject or {}) == ["OU", "CN", "O"]
+    assert config.preloaded_certs == SAMPLE_EXPECTED.preloaded_certs
+    assert config.principal == SAMPLE_EXPECTED.principal
 
 
 def test_the_sample_read_from_its_file(tmp_path: Path) -> None:
     paths = paths_in(tmp_path)
-    paths.config_file.write_text(ORIGINAL_SAMPLE)
-    assert load_certd(paths) == ORIGINAL_EXPECTED
-    assert load_checked(paths) == ORIGINAL_EXPECTED
+    paths.config_file.write_text(SAMPLE)
+    assert load_certd(paths) == SAMPLE_EXPECTED
+    assert load_checked(paths) == SAMPLE_EXPECTED
 
 
 def test_the_password_stays_out_of_the_repr() -> None:
-    config = parse(ORIGINAL_SAMPLE)
-    assert "username" in repr(config.certs["device-id"].auth)
-    assert "'password'" not in repr(config)
+    config = parse(SAMPLE)
+    assert "kiln-enrol" in repr(config.certs["glaze-id"].auth)
+    assert "fired-clay-9" not in repr(config)
 
 
-def test_the_originals_explicit_endpoints_sample() -> None:
+def test_explicit_endpoints() -> None:
     config = parse(
         HOME + "[endpoints]\n"
-        'aziot_keyd = "unix:///run/aziot/keyd.sock"\n'
-        'aziot_certd = "unix:///run/aziot/certd.sock"\n'
+        'aziot_keyd = "unix:///run/kiln/keyd.sock"\n'
+        'aziot_certd = "unix:///run/kiln/certd.sock"\n'
     )
     assert config == CertdConfig(
         homedir=Path("/var/lib/aziot/certd"),
         endpoints=Endpoints(
-            aziot_certd="unix:///run/aziot/certd.sock", aziot_keyd="unix:///run/aziot/keyd.sock"
+            aziot_certd="unix:///run/kiln/certd.sock", aziot_keyd="unix:///run/kiln/keyd.sock"
         ),
     )
 
@@ -305,8 +311,8 @@ def test_drop_ins_merge_principals_accumulate_and_add_issuance(tmp_path: Path) -
 
 def test_a_drop_in_may_hold_the_whole_config(tmp_path: Path) -> None:
     paths = paths_in(tmp_path)
-    (paths.config_dir / "00.toml").write_text(ORIGINAL_SAMPLE)
-    assert load_certd(paths) == ORIGINAL_EXPECTED
+    (paths.config_dir / "00.toml").write_text(SAMPLE)
+    assert load_certd(paths) == SAMPLE_EXPECTED
 
 
 # (base file after homedir_path, the drop-in, how the refusal starts after the drop-in's path)
@@ -392,7 +398,7 @@ REFUSALS = [
         CERT + 'method = "est"\nidentity_key = "k"\n',
         "cert_issuance.x.identity_key: unknown key",
     ),
-    (EST + 'trusted_cert = ["est-ca"]\n', "cert_issuance.est.trusted_cert: unknown key"),
+    (EST + 'trusted_cert = ["kiln-est-root"]\n', "cert_issuance.est.trusted_cert: unknown key"),
     # The super-config's nested auth table is not the per-service syntax.
     (
         EST + '[cert_issuance.est.auth]\nusername = "u"\npassword = "p"\n',
@@ -505,8 +511,8 @@ REFUSALS = [
     ),
     # Preloaded certs are file:// URIs or lists of ids.
     (
-        '[preloaded_certs]\nc = "https://example.com/c.pem"\n',
-        "preloaded_certs.c: 'https://example.com/c.pem' is not a file:// URI",
+        '[preloaded_certs]\nc = "https://certs.kiln.example/c.pem"\n',
+        "preloaded_certs.c: 'https://certs.kiln.example/c.pem' is not a file:// URI",
     ),
     (
         '[preloaded_certs]\nc = "/var/secrets/c.pem"\n',
@@ -571,7 +577,7 @@ REFUSALS = [
         "cert_issuance.x.password: expected a string, found an integer",
     ),
     (
-        EST + 'trusted_certs = "est-ca"\n',
+        EST + 'trusted_certs = "kiln-est-root"\n',
         "cert_issuance.est.trusted_certs: expected an array of strings, found a string",
     ),
     (
@@ -772,12 +778,13 @@ def test_aziotd_exits_78_on_certd_without_keyd(world_dir: Path) -> None:
     assert not daemon.services["certd"].socket.exists()
 
 
-def test_the_originals_sample_starts_and_answers(world_dir: Path) -> None:
+def test_the_sample_starts_and_answers(world_dir: Path) -> None:
     secrets = world_dir / "secrets"
     secrets.mkdir()
-    (secrets / "est-ca.cer").write_text("est-ca contents\n")
-    sample = ORIGINAL_SAMPLE.replace('homedir_path = "/var/lib/aziot/certd"\n', "").replace(
-        "file:///var/secrets/", f"file://{secrets}/"
+    (secrets / "est-root.pem").write_text("kiln est root contents\n")
+    # aziotd's world gives certd its homedir; the preloaded certs point into the world.
+    sample = SAMPLE.replace(f'homedir_path = "{SAMPLE_HOMEDIR}"\n', "").replace(
+        "file:///srv/kiln/secrets/", f"file://{secrets}/"
     )
     daemon = start_certd(world_dir / "d", sample)
     try:
@@ -786,7 +793,7 @@ def test_the_originals_sample_starts_and_answers(world_dir: Path) -> None:
         assert reply.json() == {
             "message": 'parameter "id" has an invalid value\ncaused by: not found'
         }
-        reply = daemon.request("certd", "GET", "/certificates/est-ca")
-        assert (reply.status, reply.json()) == (200, {"pem": "est-ca contents\n"})
+        reply = daemon.request("certd", "GET", "/certificates/kiln-est-root")
+        assert (reply.status, reply.json()) == (200, {"pem": "kiln est root contents\n"})
     finally:
         daemon.stop()

@@ -865,7 +865,7 @@ def test_config_d_principals_accumulate(tmp_path: Path) -> None:
             "60-modules.toml": (
                 '[[principal]]\nuid = 3\nname = "m1"\nidtype = ["module"]\n'
                 '[[principal]]\nuid = 4\nname = "m2"\nidtype = ["module", "local"]\n'
-                '[localid]\ndomain = "example.com"\n'
+                f'[localid]\ndomain = "{DOMAIN}"\n'
             ),
             "70-timeout.toml": "cloud_timeout_sec = 120\n",
             "ignored.txt": "not toml at all [",
@@ -874,7 +874,7 @@ def test_config_d_principals_accumulate(tmp_path: Path) -> None:
     config = load_identityd(paths)
     assert [p.name for p in config.principal] == ["base", "edged", "m1", "m2"]
     assert config.principal[3] == Principal(4, "m2", ["module", "local"])
-    assert config.localid == LocalId("example.com")
+    assert config.localid == LocalId(DOMAIN)
     assert config.cloud_timeout_sec == 120
     assert config.provisioning.kind == SAS_PROVISIONING.kind
 
