@@ -11,7 +11,12 @@ What Debian bookworm's tpm2-pkcs11 1.9 does differently, found here:
 - No `C_CopyObject` (CKR_FUNCTION_NOT_SUPPORTED), keyd's usual commit of a token write. keyd
   finds that out once and commits by relabelling the staged objects instead (`C_SetAttributeValue`
   of CKA_LABEL, which it supports); a key pair creation killed after any step leaves no key or
-  the whole key once keyd starts again (tested here in a subprocess killed at each step).
+  the whole key once keyd starts again (tested here in a subprocess killed at each step). A key
+  rotation (`<id>-temp` moved onto `<id>`) retires the old pair, relabels the new one and then
+  destroys the retired one; killed after any step, the next start leaves the old key or the new
+  one under `<id>`.
+- Objects destroyed, a new object can get the handle of one still on the token; keyd
+  re-initializes the library before its next creation.
 - An EC template with CKA_ENCRYPT false and CKA_VERIFY true on the public half is refused
   (CKR_GENERAL_ERROR: in the TPM, encrypt goes with sign and verify with decrypt); keyd retries
   once without those two and remembers the token's preference.

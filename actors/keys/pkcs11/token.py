@@ -600,7 +600,8 @@ class Pkcs11Library:
         return self._run(uri, f"deleting {kind} {label!r}", op, mutates=True)
 
     def move_key_pair(self, uri: Pkcs11Uri, from_label: str, to_label: str) -> None:
-        """Relabel key pair ``from_label`` as ``to_label``, first deleting any ``to_label`` pair.
+        """Put key pair ``from_label`` under ``to_label``, replacing any ``to_label`` pair (the
+        rotation of renewals); crash-safe on tokens with and without C_CopyObject (module doc).
 
         KeyNotFound (and nothing deleted) if ``from_label`` has no private key.
         """
