@@ -47,16 +47,24 @@ def call(socket_path: str, method: str, path: str, body: Any = None) -> rawhttp.
 
 def heavy_bodies(socket_path: str) -> list[tuple[str, dict[str, Any]]]:
     """The expensive requests, made with handles root obtained (handles carry no uid)."""
-    rsa = call(socket_path, "POST", "/keypair", {"keyId": "heavy-rsa", "preferredAlgorithms":
-                                                  "rsa-4096"}).json()["keyHandle"]
-    aes = call(socket_path, "POST", "/key", {"keyId": "heavy-aes", "usage": "encrypt",
-                                             "keyBytes": None}).json()["keyHandle"]
+    rsa = call(
+        socket_path, "POST", "/keypair", {"keyId": "heavy-rsa", "preferredAlgorithms": "rsa-4096"}
+    ).json()["keyHandle"]
+    aes = call(
+        socket_path, "POST", "/key", {"keyId": "heavy-aes", "usage": "encrypt", "keyBytes": None}
+    ).json()["keyHandle"]
     block = b"\x00\x01" + os.urandom(510)  # below the modulus: a valid NO-PADDING input
     return [
         ("/encrypt", {"keyHandle": rsa, "algorithm": "RSA-NO-PADDING", "plaintext": b64(block)}),
-        ("/encrypt", {"keyHandle": aes, "algorithm": "AEAD",
-                      "parameters": {"iv": b64(b"\x01\x02\x03\x04"), "aad": b64(b"x")},
-                      "plaintext": b64(os.urandom(64 * 1024))}),
+        (
+            "/encrypt",
+            {
+                "keyHandle": aes,
+                "algorithm": "AEAD",
+                "parameters": {"iv": b64(b"\x01\x02\x03\x04"), "aad": b64(b"x")},
+                "plaintext": b64(os.urandom(64 * 1024)),
+            },
+        ),
         ("/derivedkey", {"baseKeyHandle": aes, "derivationData": b64(os.urandom(760 * 1024))}),
     ]
 
@@ -68,9 +76,7 @@ def drop_to(uid: int) -> None:
 
 
 def heavy_loop(socket_path: str, bodies: list[tuple[str, dict[str, Any]]]) -> None:
-    encoded = [
-        rawhttp.build("POST", f"{p}?api-version={KEYD_VERSION}", b) for p, b in bodies
-    ]
+    encoded = [rawhttp.build("POST", f"{p}?api-version={KEYD_VERSION}", b) for p, b in bodies]
     sock = rawhttp.connect(socket_path, timeout=60)
     n = 0
     while True:
@@ -146,15 +152,23 @@ def main() -> int:
         return 2
     root = Path(tempfile.mkdtemp(prefix="aziot-fair-"))
     os.chmod(root, 0o755)
-    keyd = Keyd(root / "keyd", env={"AZIOT_LOG_LEVEL": "warn"},
-                top_config=f"max_requests = {args.heavy}\n")
+    keyd = Keyd(
+        root / "keyd", env={"AZIOT_LOG_LEVEL": "warn"}, top_config=f"max_requests = {args.heavy}\n"
+    )
     (keyd.config_dir / "50-callers.toml").write_text(PRINCIPALS)
     keyd.start()
     heavy: list[int] = []
     try:
         os.chown(keyd.socket, 0, GROUP)
-        assert call(keyd.socket, "POST", "/key", {"keyId": "other-key", "usage": "sign",
-                                                 "keyBytes": None}).status == 200
+        assert (
+            call(
+                keyd.socket,
+                "POST",
+                "/key",
+                {"keyId": "other-key", "usage": "sign", "keyBytes": None},
+            ).status
+            == 200
+        )
         bodies = heavy_bodies(keyd.socket)
         if args.only:
             bodies = [bodies[("rsa", "gcm", "derive").index(args.only)]]

@@ -239,9 +239,7 @@ def test_socket_activation_serves_the_inherited_socket(world_dir: Path) -> None:
     listener.bind(str(activated_path))
     listener.listen(16)
     fd = listener.fileno()
-    script = (
-        'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=aziot-keyd.socket exec "$0" -m aziot.supervisor.main'
-    )
+    script = 'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=aziot-keyd.socket exec "$0" -m aziot.supervisor.main'
     process = subprocess.Popen(
         ["sh", "-c", script, sys.executable],
         env=keyd.environ(),

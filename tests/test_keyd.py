@@ -205,9 +205,7 @@ def test_symmetric_key_create_import_hmac_and_aead(keyd: Keyd) -> None:
     if keyd.token is not None:
         # On a token the usage picks the key type: AES-GCM needs an "encrypt" key.
         handle = handle_of(
-            keyd.call(
-                "POST", "/key", {"keyId": "aes", "usage": "encrypt", "keyBytes": b64(secret)}
-            )
+            keyd.call("POST", "/key", {"keyId": "aes", "usage": "encrypt", "keyBytes": b64(secret)})
         )
         assert token_object(keyd, "aes", "Secret Key Object; AES")
     iv, aad, plaintext = os.urandom(12), b"aad", b"module secret"

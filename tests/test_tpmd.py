@@ -267,7 +267,13 @@ def idle_tpmd() -> Iterator[Daemon]:
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "message"),
     [
-        ("GET", "/get_tpm_keys?api-version=2021-05-01", None, 400, 'invalid api-version "2021-05-01"'),
+        (
+            "GET",
+            "/get_tpm_keys?api-version=2021-05-01",
+            None,
+            400,
+            'invalid api-version "2021-05-01"',
+        ),
         ("GET", "/get_tpm_keys?x=1&api-version=", None, 400, 'invalid api-version ""'),
         ("GET", "/get_tpm_key", None, 404, "not found"),
         ("POST", "/get_tpm_keys", {}, 400, "method not allowed"),
@@ -276,9 +282,27 @@ def idle_tpmd() -> Iterator[Daemon]:
         ("POST", "/import_auth_key", None, 400, "missing request body"),
         ("POST", "/sign_with_auth_key", None, 400, "missing request body"),
         ("POST", "/import_auth_key", {}, 422, "missing field `key` at line 1 column 2"),
-        ("POST", "/sign_with_auth_key", {"digest": "AA=="}, 422, "missing field `data` at line 1 column 18"),
-        ("POST", "/sign_with_auth_key", {"data": 5}, 422, "invalid type: integer `5`, expected a string at line 1 column 11"),
-        ("POST", "/import_auth_key", {"key": "a$=="}, 422, "Invalid symbol 36, offset 1. at line 1 column 15"),
+        (
+            "POST",
+            "/sign_with_auth_key",
+            {"digest": "AA=="},
+            422,
+            "missing field `data` at line 1 column 18",
+        ),
+        (
+            "POST",
+            "/sign_with_auth_key",
+            {"data": 5},
+            422,
+            "invalid type: integer `5`, expected a string at line 1 column 11",
+        ),
+        (
+            "POST",
+            "/import_auth_key",
+            {"key": "a$=="},
+            422,
+            "Invalid symbol 36, offset 1. at line 1 column 15",
+        ),
     ],
 )
 def test_bad_requests_get_the_original_answers(
@@ -337,7 +361,10 @@ def test_config_defaults_and_values() -> None:
         ({"max_requests": True}, "max_requests: expected an integer, found a boolean"),
         ({"auth_key_idx": 1}, "auth_key_idx: unknown key"),
         ({"hierarchy_authorization": {"ownr": "x"}}, "hierarchy_authorization.ownr: unknown key"),
-        ({"hierarchy_authorization": {"owner": 1}}, "hierarchy_authorization.owner: expected a string"),
+        (
+            {"hierarchy_authorization": {"owner": 1}},
+            "hierarchy_authorization.owner: expected a string",
+        ),
         ({"hierarchy_authorization": "x"}, "hierarchy_authorization: expected a table"),
         ({"endpoints": {"aziot_keyd": "unix:///k"}}, "endpoints.aziot_keyd: unknown key"),
     ],
