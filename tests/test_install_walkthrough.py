@@ -98,6 +98,27 @@ def test_the_units_are_enabled_under_their_own_and_the_original_names(installed:
     assert "ExecStart=/opt/aziot/bin/aziotd\n" in (units / "aziotd.service").read_text()
 
 
+def test_installing_again_upgrades_in_place(installed: Path) -> None:
+    before = {
+        name: (installed / "etc" / name).read_text() for name in ("passwd", "group", "shadow")
+    }
+    config = installed / "etc/aziot/keyd/config.d/50-mine.toml"
+    config.write_text("# an operator's drop-in\n")
+    done = subprocess.run(
+        [str(ROOT / "contrib" / "install"), "--root", str(installed)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "added user" not in done.stdout
+    for name, text in before.items():
+        assert (installed / "etc" / name).read_text() == text, name
+    assert config.read_text() == "# an operator's drop-in\n"
+    status = (installed / "var/lib/aziot/keyd").stat()
+    assert stat.S_IMODE(status.st_mode) == 0o700
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_systemd_accepts_the_units(installed: Path, tmp_path: Path) -> None:
     # verify wants ExecStart to exist: point it at the installed binary, in a copy.
