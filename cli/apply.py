@@ -469,6 +469,13 @@ def write_all(files: list[PlannedFile], directories: list[tuple[Path, Owner | No
         ) from None
     for temp, planned in staged:
         os.replace(temp, planned.path)
+    # As the original does at every apply: a secrets directory someone made by hand (0755,
+    # root's) becomes the service's own and private. After the renames, so a failed apply
+    # has changed nothing.
+    for path, owner, mode in directories:
+        if owner is not None:
+            os.chmod(path, mode)
+            _chown(path, owner)
     for directory in {planned.path.parent for planned in files}:
         fd = os.open(directory, os.O_RDONLY)
         try:

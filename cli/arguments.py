@@ -25,8 +25,9 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("/"),
         metavar="DIR",
-        help="treat DIR as / for every path read or written (staging an image, tests); "
-        "systemd is then left alone",
+        help="a device tree under DIR instead of /: every path read or written, and every "
+        "path written into the configs, is under DIR (tests, the demo; not for staging an "
+        "image, whose configs must name / paths); systemd is left alone",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -1,8 +1,9 @@
 """Where the device's files live: the original's paths, optionally under another root.
 
-`aziotctl --root DIR` treats DIR as `/`: an image being staged, or a test's temp dir. Every
-path aziotctl reads or writes, and every path it writes into a service's config, comes from
-here, so a config applied under a root points into that root.
+`aziotctl --root DIR` works on a device tree under DIR: a test's temp dir, the demo's state.
+Every path aziotctl reads or writes, and every path it writes into a service's config, comes
+from here, so a config applied under a root points into that root and aziotd runs on it in
+place (which is also why it is not a way to stage an image for another machine).
 """
 
 from __future__ import annotations

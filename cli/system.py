@@ -368,10 +368,13 @@ def systemd_logs(extra: list[str], out: TextIO) -> int:
         raise Failure("journalctl is not installed") from None
 
 
-def systemd_main_pid() -> int | None:
-    result = systemctl("show", "--property", "MainPID", "--value", SERVICE_UNIT)
-    text = result.stdout.strip()
-    return int(text) if result.returncode == 0 and text.isdecimal() and text != "0" else None
+def systemd_main_pid() -> tuple[int | None, str]:
+    """aziotd's pid and its unit's ActiveState (`active`, `activating`, ...)."""
+    result = systemctl("show", "--property", "MainPID", "--property", "ActiveState", SERVICE_UNIT)
+    fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    text = fields.get("MainPID", "")
+    pid = int(text) if result.returncode == 0 and text.isdecimal() and text != "0" else None
+    return pid, fields.get("ActiveState", "")
 
 
 def write_log_level_dropin(units_dir: Path, level: str) -> list[Path]:
@@ -408,7 +411,17 @@ def set_log_level(layout: Layout, level: str, systemd: bool, out: TextIO) -> int
         if result.returncode != 0:
             show_command_error(result)
             raise Failure("systemctl daemon-reload failed; the drop-in applies at the next boot")
-        pid = systemd_main_pid() or find_aziotd(layout)[0]
+        pid, state = systemd_main_pid()
+        if pid is not None and state == "activating":
+            # Still starting (maybe still importing, when a signal would kill it): the file
+            # alone, which aziotd applies as soon as it listens for signals.
+            write_atomically(layout.socket_dir / LOG_LEVEL_FILE, f"{level}\n")
+            print(
+                f"Set log level to {level.upper()} for all services; aziotd (pid {pid}) is "
+                "starting and applies it once started.",
+                file=out,
+            )
+            return 0
         if pid is None:
             print(
                 f"Set log level to {level.upper()} for all services; aziotd applies it when it "

@@ -127,10 +127,13 @@ def remove_pid_file(path: Path) -> None:
         pass
 
 
-def clear_runtime_log_level(path: Path) -> None:
-    """A level file left by an earlier aziotd was meant for that process: at start the
-    environment's level holds, and only a file written for us is applied on SIGHUP."""
+def clear_runtime_log_level(path: Path, started: float) -> None:
+    """A level file left by an earlier aziotd (older than this process, `started` on the wall
+    clock) was meant for that process: at start the environment's level holds. One written
+    since, by a `set-log-level` while we started, is kept and applied once signals are heard."""
     try:
+        if path.stat().st_mtime >= started:
+            return
         path.unlink()
     except FileNotFoundError:
         pass
@@ -179,8 +182,14 @@ async def run_daemon(
 ) -> None:
     shutdown = trio.Event()
     run_dir = socket_dir(dict(os.environ))
-    clear_runtime_log_level(run_dir / LOG_LEVEL_FILE)
+    clear_runtime_log_level(run_dir / LOG_LEVEL_FILE, time.time() - (time.monotonic() - launched))
     activated = systemd.listen_fds()
+    for name in systemd.unclaimed(activated, [service.name for service in services]):
+        log.warning(
+            "systemd passed the socket %r but no configured service serves it: its clients "
+            "will wait unanswered; configure that service or disable its .socket unit",
+            name,
+        )
     policy = RestartPolicy()
     async with trio.open_nursery() as actors:
         for service in services:
@@ -239,6 +248,8 @@ async def handle_signals(
     levels: LogLevels,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        if level_file.exists():  # written after our start, its SIGHUP ignored while starting
+            levels = apply_runtime_log_level(level_file, levels)
         async for signum in signals:
             if signum == signal.SIGHUP:
                 # The level first, so the reload below already logs at the new one.
@@ -271,6 +282,10 @@ def first_leaf(error: BaseException, kinds: tuple[type, ...]) -> BaseException |
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Until handle_signals listens, SIGHUP's default would kill aziotd (see entry.py, which
+    # does this before the imports); trio puts it back when its receiver closes, so a SIGHUP
+    # while draining is ignored too.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     launched = time.monotonic()
     args = parse_args(argv)
     if args.list_fault_points:

@@ -69,3 +69,11 @@ def pick_activated(
     if len(activated) == 1 and running == 1:
         return activated[0][1]
     return None
+
+
+def unclaimed(activated: list[tuple[str, socket.socket]], services: list[str]) -> list[str]:
+    """Names of the inherited sockets no configured service takes. systemd keeps listening on
+    them, so their clients wait unanswered: worth a warning at start."""
+    if len(activated) == 1 and len(services) == 1:
+        return []
+    return [name for name, _ in activated if not any(service in name for service in services)]

@@ -509,6 +509,19 @@ def test_files_written_with_modes_owners_and_key_bytes(tmp_path: Path) -> None:
     assert sorted(p.name for p in layout.config_dir("keyd").iterdir()) == ["00-super.toml"]
 
 
+def test_a_secrets_directory_made_by_hand_becomes_private(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    layout.keyd_secrets.mkdir(parents=True)
+    layout.keyd_secrets.chmod(0o755)  # `mkdir -p` under umask 022
+    config = tmp_path / "super.toml"
+    config.write_text(BY_NAME["manual-connection-string"].config)
+    apply_cmd.apply(config, layout, io.StringIO())
+    owners = apply_cmd.resolve_users(layout, io.StringIO())
+    info = layout.keyd_secrets.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o700
+    assert info.st_uid == owners["keyd"].uid
+
+
 def test_a_target_that_cannot_be_written_leaves_every_old_file(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     old = write_old_configs(layout)

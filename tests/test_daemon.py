@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from aziot.supervisor import systemd
 from tests import rawhttp
 from tests.daemon import KEYD_VERSION, Keyd
 
@@ -269,6 +270,16 @@ def test_socket_activation_serves_the_inherited_socket(world_dir: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
+
+
+def test_an_activated_socket_no_service_serves_is_named() -> None:
+    one, two = socket.socketpair(socket.AF_UNIX)
+    with one, two:
+        activated = [("keyd", one), ("tpmd", two)]
+        assert systemd.unclaimed(activated, ["keyd", "certd"]) == ["tpmd"]
+        assert systemd.unclaimed(activated, ["keyd", "tpmd"]) == []
+        # One socket, one service: systemd's default name may be anything.
+        assert systemd.unclaimed([("x.socket", one)], ["keyd"]) == []
 
 
 def test_no_config_exits_with_a_clear_error(world_dir: Path) -> None:
