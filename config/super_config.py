@@ -26,7 +26,7 @@ import tomli
 
 from aziot.actors.certs.renewal import parse_policy
 
-from .certd import AUTH_KEYS
+from .certd import AUTH_KEYS, AutoRenew
 from .loader import ConfigError
 from .pkcs11_uri import Pkcs11Uri
 from .table import Source, Table
@@ -137,13 +137,6 @@ class EstAuth:
     basic: BasicAuth | None = None
     identity: CertAndKey | None = None
     bootstrap_identity: CertAndKey | None = None
-
-
-@attrs.frozen
-class AutoRenew:
-    rotate_key: bool = True
-    threshold: str = "80%"
-    retry: str = "4%"
 
 
 @attrs.frozen
