@@ -53,6 +53,7 @@ from hypothesis import strategies as st
 
 from tests import rawhttp
 from tests.daemon import Keyd
+from tests.fuzz_common import Answered, Unmodelled, check_head, form_decode, percent_decode
 from tests.keyd_texts import (
     GENERIC,
     INTERNAL,
@@ -133,20 +134,8 @@ def anyof(*choices: Expect) -> Expect:
     return merged
 
 
-class Answered(Exception):
-    """The model decided the outcome deep inside a handler."""
-
-    def __init__(self, expect: Expect) -> None:
-        super().__init__(expect)
-        self.expect = expect
-
-
 class Malformed(Exception):
     """serde would refuse the body: 422."""
-
-
-class Unmodelled(Exception):
-    """The model cannot judge this example honestly; it is dropped."""
 
 
 # -- the model: key files (spec §3.5) --------------------------------------------------------
@@ -396,14 +385,6 @@ class World:
         assert self.keyd.process is not None and self.keyd.process.poll() is None
 
 
-def check_head(reply: rawhttp.Reply) -> None:
-    """Status line and headers in the first read, in under 512 bytes (spec §1.6)."""
-    end = reply.first_read.find(b"\r\n\r\n")
-    assert end >= 0, f"head not in the first read: {reply.first_read!r}"
-    assert end + 4 < 512, f"head is {end + 4} bytes"
-    assert reply.first_read.startswith(f"HTTP/1.1 {reply.status} ".encode())
-
-
 @attrs.frozen
 class Request:
     method: str
@@ -434,24 +415,6 @@ class Request:
 
 MISSING = object()  # "no body" in the original's sense
 KNOWN_METHODS = ("GET", "POST", "DELETE", "PUT", "HEAD")
-
-
-def percent_decode(text: str) -> bytes:
-    out = bytearray()
-    raw = text.encode("utf-8")
-    i = 0
-    while i < len(raw):
-        if raw[i : i + 1] == b"%" and re.fullmatch(rb"[0-9A-Fa-f]{2}", raw[i + 1 : i + 3]):
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(raw[i])
-            i += 1
-    return bytes(out)
-
-
-def form_decode(text: str) -> str:
-    return percent_decode(text.replace("+", " ")).decode("utf-8", "replace")
 
 
 def api_version(query: str | None) -> str | None:

@@ -34,7 +34,6 @@ derandomized (derived from the test's name), so a failure reproduces on every ru
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import hashlib
 import json
@@ -55,11 +54,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
-from hypothesis.errors import InvalidArgument
 
 from tests import rawhttp
 from tests.certd_world import start_certd
 from tests.daemon import Daemon
+from tests.fuzz_common import (
+    Answered,
+    Unmodelled,
+    check_head,
+    form_decode,
+    known,
+    percent_decode,
+    quiet_event,
+)
 
 API_VERSION = "2020-09-01"
 NAME_MAX = 255
@@ -121,16 +128,6 @@ def error(status: int, *messages: str, prefix: str | None = None) -> Expect:
 
 def success(status: int, changes: tuple[str, ...] = (), check: Check | None = None) -> Expect:
     return {status: Answer(changes=frozenset(changes), check=check)}
-
-
-class Answered(Exception):
-    def __init__(self, expect: Expect) -> None:
-        super().__init__(expect)
-        self.expect = expect
-
-
-class Unmodelled(Exception):
-    """The model cannot judge this example honestly; it is dropped."""
 
 
 # -- serde_json as the original reads a body (positions in bytes, as serde counts them) --------
@@ -635,13 +632,6 @@ class World:
         assert b"Traceback" not in new, f"{what}\n  aziotd logged:\n{new.decode(errors='replace')}"
 
 
-def check_head(reply: rawhttp.Reply) -> None:
-    end = reply.first_read.find(b"\r\n\r\n")
-    assert end >= 0, f"head not in the first read: {reply.first_read!r}"
-    assert end + 4 < 512, f"head is {end + 4} bytes"
-    assert reply.first_read.startswith(f"HTTP/1.1 {reply.status} ".encode())
-
-
 def send_as(uid: int, path: str, wire: bytes, head: bool) -> rawhttp.Reply:
     """One request from a forked child that has dropped to `uid`."""
     read_end, write_end = os.pipe()
@@ -705,24 +695,6 @@ class Request:
 
 
 # -- the model: framing and routing (spec §1.3) ---------------------------------------------------
-
-
-def percent_decode(text: str) -> bytes:
-    out = bytearray()
-    raw = text.encode("utf-8")
-    i = 0
-    while i < len(raw):
-        if raw[i : i + 1] == b"%" and re.fullmatch(rb"[0-9A-Fa-f]{2}", raw[i + 1 : i + 3]):
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(raw[i])
-            i += 1
-    return bytes(out)
-
-
-def form_decode(text: str) -> str:
-    return percent_decode(text.replace("+", " ")).decode("utf-8", "replace")
 
 
 def api_version(query: str | None) -> str | None:
@@ -1607,12 +1579,6 @@ def test_the_daemon_survived(world: World) -> None:
 # -- differences from the original that the fuzzing above found ---------------------------------
 
 
-def quiet_event(text: str) -> None:
-    """`event()`, also usable from the pinned tests below, which run outside Hypothesis."""
-    with contextlib.suppress(InvalidArgument):
-        event(text)
-
-
 def pin(world: World, request: Request, want: Expect) -> None:
     try:
         reply = world.send(request.wire(), head=request.method == "HEAD")
@@ -1633,10 +1599,6 @@ def put(cert_id: str, raw: bytes, **options: Any) -> Request:
 def pem_stored(world: World, cert_id: str, pem: str) -> Expect:
     name = world.writable(cert_id)
     return success(201, (name,), stored(name, pem.encode()))
-
-
-def known(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 def test_ed25519_csrs_are_issued(world: World) -> None:

@@ -43,7 +43,6 @@ start); `IDENTITYD_FUZZ_SCALE=<factor>` multiplies them. Examples are derandomiz
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import hashlib
 import hmac
@@ -62,12 +61,20 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
-from hypothesis.errors import InvalidArgument
 
 from mockcloud.cloud import Cloud
 from mockcloud.hub import Module
 from tests import rawhttp
 from tests.daemon import Daemon
+from tests.fuzz_common import (
+    Answered,
+    Unmodelled,
+    check_head,
+    form_decode,
+    known,
+    percent_decode,
+    quiet_event,
+)
 from tests.test_daemon import as_uid
 from tests.test_identityd import MODULE_PRINCIPAL, MODULE_UID, dps_config, sign_with, start
 
@@ -148,16 +155,6 @@ def success(status: int, check: Check, files: Any = (), hub: Any = ()) -> Expect
     return {status: Answer(files=frozenset(files), hub=frozenset(hub), check=check)}
 
 
-class Answered(Exception):
-    def __init__(self, expect: Expect) -> None:
-        super().__init__(expect)
-        self.expect = expect
-
-
-class Unmodelled(Exception):
-    """The model cannot judge this example honestly (or it is tested elsewhere): dropped."""
-
-
 # -- requests ------------------------------------------------------------------------------------
 
 
@@ -183,24 +180,6 @@ class Request:
 
     def describe(self) -> str:
         return repr(self.wire()[:1500])
-
-
-def percent_decode(text: str) -> bytes:
-    out = bytearray()
-    raw = text.encode("utf-8")
-    i = 0
-    while i < len(raw):
-        if raw[i : i + 1] == b"%" and re.fullmatch(rb"[0-9A-Fa-f]{2}", raw[i + 1 : i + 3]):
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(raw[i])
-            i += 1
-    return bytes(out)
-
-
-def form_decode(text: str) -> str:
-    return percent_decode(text.replace("+", " ")).decode("utf-8", "replace")
 
 
 def query_pairs(query: str | None) -> list[tuple[str, str]]:
@@ -524,13 +503,6 @@ class World:
         return sign_with(self.daemon, handle, data) == theirs
 
 
-def check_head(reply: rawhttp.Reply) -> None:
-    end = reply.first_read.find(b"\r\n\r\n")
-    assert end >= 0, f"head not in the first read: {reply.first_read!r}"
-    assert end + 4 < 512, f"head is {end + 4} bytes"
-    assert reply.first_read.startswith(f"HTTP/1.1 {reply.status} ".encode())
-
-
 def send_as(uid: int, path: str, wire: bytes) -> rawhttp.Reply:
     """One raw request from a forked child that has dropped to `uid` (test_daemon.as_uid's
     way, keeping the whole reply so that it is judged as root's are)."""
@@ -733,12 +705,6 @@ def module_identity(
         )
 
     return check
-
-
-def quiet_event(text: str) -> None:
-    """`event()`, also usable from the deterministic tests, which run outside Hypothesis."""
-    with contextlib.suppress(InvalidArgument):
-        event(text)
 
 
 # The handlers: (world, who, module id, query, body) -> Expect.
@@ -1296,10 +1262,6 @@ def test_the_daemon_survived(world: World) -> None:
 
 
 # -- differences from the original that the fuzzing above found ---------------------------------
-
-
-def known(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 def query(extra: str) -> str:
