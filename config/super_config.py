@@ -26,7 +26,7 @@ import tomli
 
 from aziot.actors.certs.renewal import parse_policy
 
-from .certd import AUTH_KEYS, AutoRenew
+from .certd import AUTH_KEYS, AutoRenew, BasicAuth
 from .loader import ConfigError
 from .pkcs11_uri import Pkcs11Uri
 from .table import Source, Table
@@ -121,12 +121,6 @@ class CertAndKey:
 
     cert: str
     pk: str
-
-
-@attrs.frozen
-class BasicAuth:
-    username: str
-    password: str = attrs.field(repr=False)
 
 
 @attrs.frozen
