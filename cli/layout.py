@@ -13,6 +13,8 @@ from pathlib import Path
 
 import attrs
 
+from aziot.supervisor.runtime_files import PID_FILE
+
 SERVICES = ("keyd", "certd", "identityd", "tpmd")
 
 # The original's users, one per service; its sockets are owned by them (mode 0660), so a client
@@ -71,7 +73,7 @@ class Layout:
     @property
     def pid_file(self) -> Path:
         """Written by aziotd beside its sockets; how aziotctl finds it without systemd."""
-        return self.socket_dir / "aziotd.pid"
+        return self.socket_dir / PID_FILE
 
     @property
     def systemd_units(self) -> Path:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from aziot.supervisor.runtime_files import LOG_LEVEL_FILE, replace_text
+
 from . import uds
 from .arguments import LEVELS
 from .layout import Layout
@@ -28,7 +30,6 @@ SERVICE_UNIT = "aziotd.service"
 SERVICES = ("identityd", "keyd", "certd", "tpmd")
 SOCKET_UNITS = {name: f"aziot-{name}.socket" for name in SERVICES}
 ALIASES = tuple(f"aziot-{name}.service" for name in SERVICES)
-LOG_LEVEL_FILE = "aziotd.log-level"  # in the socket dir; aziotd applies it on SIGHUP
 SYSTEMD_RUN_DIR = Path("/run/systemd/system")
 
 STOP_TIMEOUT = 30.0  # aziotd drains in-flight requests for 10 s at most
@@ -155,14 +156,9 @@ def send(pid: int, signum: signal.Signals) -> None:
 
 def write_atomically(path: Path, text: str) -> None:
     """`text` in `path` (mode 0644) through a temp file: a reader never sees half of it."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        temp.write_text(text)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
+        replace_text(path, text)
     except OSError as error:
-        temp.unlink(missing_ok=True)
         hint = "; run as root (sudo)" if isinstance(error, PermissionError) else ""
         raise Failure(f"cannot write {path}: {error.strerror or error}{hint}") from None
 

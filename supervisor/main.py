@@ -26,6 +26,7 @@ from aziot.config.loader import ConfigError
 
 from . import log_levels, systemd
 from .log_levels import LogLevels
+from .runtime_files import LOG_LEVEL_FILE, PID_FILE, replace_text
 from .services import Service, configured_services
 from .services.service import DEFAULT_SOCKET_DIR
 from .supervise import RestartLimitExceeded, RestartPolicy, supervise
@@ -36,8 +37,6 @@ log = logging.getLogger("aziotd")
 EXIT_CONFIG = 78  # EX_CONFIG: systemd shows it as a configuration problem
 EXIT_CRASHED = 70  # EX_SOFTWARE
 MAX_LOG_MESSAGE = 4096  # characters of one log message; the rest is counted, not written
-PID_FILE = "aziotd.pid"  # in the socket dir
-LOG_LEVEL_FILE = "aziotd.log-level"  # in the socket dir; read on SIGHUP
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,15 +104,10 @@ def socket_dir(environ: dict[str, str]) -> Path:
 
 def write_pid_file(path: Path) -> bool:
     """Our pid in `path`, atomically: a reader sees the old file or the whole new one."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        temp.write_text(f"{os.getpid()}\n")
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
+        replace_text(path, f"{os.getpid()}\n")
     except OSError as error:  # aziotctl then cannot find us without systemd; serving goes on
         log.warning("could not write the pid file %s: %s", path, error)
-        temp.unlink(missing_ok=True)
         return False
     return True
 
