@@ -7,7 +7,6 @@ The detail always reaches the log.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import threading
@@ -55,7 +54,7 @@ def external(detail: str) -> LibError:
 
 
 def hmac_sha256(key: bytes, message: bytes) -> bytes:
-    return hmac.new(key, message, hashlib.sha256).digest()
+    return hmac.digest(key, message, "sha256")
 
 
 def generate_key_pair(algorithm: str) -> PrivateKey:

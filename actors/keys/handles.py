@@ -7,7 +7,6 @@ implementation validate in the other as long as they share the handle-validation
 from __future__ import annotations
 
 import binascii
-import hashlib
 import hmac
 import json
 import os
@@ -62,7 +61,7 @@ def software_mac(key: bytes) -> Mac:
     """HMAC-SHA256 with a handle-validation key held in memory (the file store's case)."""
 
     def digest(data: bytes) -> bytes:
-        return hmac.new(key, data, hashlib.sha256).digest()
+        return hmac.digest(key, data, "sha256")
 
     async def mac(data: bytes) -> bytes:
         if len(data) < _LARGE:
