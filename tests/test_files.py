@@ -139,6 +139,32 @@ def test_base64_is_strict_as_rusts_engine() -> None:
             decode_strict(bad)
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["/wB=", "QR==", "QUJ=", "fpGY=", "fpGY=="],
+)
+def test_base64_with_more_than_one_text_for_its_bytes_is_not_canonical(text: str) -> None:
+    """Set trailing bits, or padding past a whole quantum (which binascii's strict mode lets
+    through), decode to bytes whose one canonical text is another."""
+    with pytest.raises(NonCanonical):
+        decode_strict(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["QQ==QQ==", "QQ===", "=QQ=", "Q", "QQ=", "QU\nI=", "QUI=\n", "é==="]
+)
+def test_base64_that_is_not_padded_standard_base64_is_refused(text: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        decode_strict(text)
+    assert not isinstance(refused.value, NonCanonical)
+
+
+def test_base64_decodes_every_length_it_encodes() -> None:
+    for size in range(70):
+        data = bytes(range(size))
+        assert decode_strict(encode(data)) == data
+
+
 def test_id_to_path_memo_stays_bounded_and_skips_long_ids(tmp_path: Path) -> None:
     """Paths of short ids are remembered (hashing an id costs more than the file's stat), in a
     bounded memo that no caller can grow: long ids are hashed each time."""
