@@ -317,6 +317,19 @@ def test_dps_payload_sent_and_returned(tmp_path: Path, clock: FakeTime) -> None:
     }
 
 
+def test_a_null_payload_is_sent_as_null_and_no_payload_as_no_field(
+    tmp_path: Path, clock: FakeTime
+) -> None:
+    """A payload file holding `null` is a payload: the original sends `"payload": null`."""
+    with Cloud(tmp_path, id_scope=SCOPE) as cloud:
+        key = key_bytes(cloud.dps.add_symmetric_enrollment("p").primary_key)
+        with cloud_client(server_trust(cloud), clock) as client:
+            dps_client(cloud, client, "p").register(sas.hmac_sign(key), payload=None)
+            dps_client(cloud, client, "p").register(sas.hmac_sign(key))
+        puts = [r.body for r in cloud.dps.requests if r.method == "PUT"]
+        assert puts == [{"registrationId": "p", "payload": None}, {"registrationId": "p"}]
+
+
 def test_dps_x509_then_hub_modules_with_the_same_cert(cloud: Cloud, clock: FakeTime) -> None:
     _, authority = cloud.dps.add_x509_ca_group("x509-fleet")
     cert, key = authority.issue_leaf("cam-1")

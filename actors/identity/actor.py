@@ -708,6 +708,8 @@ class IdentityActor:
             payload = await trio.to_thread.run_sync(cloudcalls.read_payload, provisioning)
         except (OSError, ValueError) as error:
             raise invalid_parameter("provisioning.payload", str(error)) from None
+        if payload is cloudcalls.NO_PAYLOAD:
+            payload = None  # the route's `payload` is always there, `null` without a file
         return Json(
             {
                 "source": "dps",

@@ -19,7 +19,7 @@ from aziot.actors.remote_key import PrivateOp, client_context
 from aziot.bus.faults import Faults
 
 from .cloud import CloudClient, CloudError
-from .dps import DpsClient
+from .dps import NO_PAYLOAD, DpsClient
 from .hub import HubClient, Module, sas_authentication
 from .state import DeviceInfo
 
@@ -57,9 +57,10 @@ def normalized_endpoint(url: str) -> str:
 
 
 def read_payload(provisioning: Any) -> Any:
+    """The configured payload file's JSON (None when it holds `null`), or `NO_PAYLOAD`."""
     payload = getattr(provisioning.kind, "payload", None)
     if payload is None:
-        return None
+        return NO_PAYLOAD
     return json.loads(payload.path.read_text(encoding="utf-8"))
 
 

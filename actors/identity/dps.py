@@ -65,6 +65,20 @@ class DpsNotSupportedInNestedMode(Exception):
         super().__init__("DPS provisioning is not supported in nested mode")
 
 
+class _NoPayload:
+    """No payload is configured: the request has no `payload` field. Distinct from None, which
+    is a payload file holding JSON `null` and is sent as `"payload": null`, as the original
+    sends it (its `Some(Value::Null)` is not skipped)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NO_PAYLOAD"
+
+
+NO_PAYLOAD: Any = _NoPayload()
+
+
 def refuse_nested(local_gateway_hostname: str | None) -> None:
     """Raise `DpsNotSupportedInNestedMode` when a local gateway is configured."""
     if local_gateway_hostname is not None:
@@ -132,7 +146,7 @@ class DpsClient:
     # -- registration ------------------------------------------------------------------------
 
     def tpm_challenge(
-        self, endorsement_key: bytes, storage_root_key: bytes, *, payload: Any = None
+        self, endorsement_key: bytes, storage_root_key: bytes, *, payload: Any = NO_PAYLOAD
     ) -> bytes:
         """TPM step 1: register without Authorization, sending the TPM's endorsement and
         storage root keys (marshalled TPM2B_PUBLIC); DPS answers 401 with the encrypted auth
@@ -145,7 +159,7 @@ class DpsClient:
                 "storageRootKey": base64.b64encode(storage_root_key).decode("ascii"),
             },
         }
-        if payload is not None:
+        if payload is not NO_PAYLOAD:
             body["payload"] = payload
         log.info("Sending DPS TPM registration request for %s.", self.registration_id)
         response = self.cloud.send(
@@ -167,15 +181,15 @@ class DpsClient:
             raise invalid_data(response, "TPM challenge (no authenticationKey)")
         return _b64(key, response, "authenticationKey")
 
-    def register(self, sign: Sign | None = None, *, payload: Any = None) -> DpsAssignment:
+    def register(self, sign: Sign | None = None, *, payload: Any = NO_PAYLOAD) -> DpsAssignment:
         """Register and poll until DPS decides. `sign` HMACs the SAS token (symmetric key or
-        TPM); None for X.509. `payload`: any JSON value to send (None: no `payload` field).
+        TPM); None for X.509. `payload`: any JSON value to send (`NO_PAYLOAD`: no field).
         Raises `CloudError`: an HTTP or transport failure, DPS's error (`message` is DPS's
         text), or a `failed` registration (DPS's `errorMessage`, `code` its `errorCode`)."""
         token = _Token(self, sign)
         headers = token.headers if sign is not None else None
         body: dict[str, Any] = {"registrationId": self.registration_id}
-        if payload is not None:
+        if payload is not NO_PAYLOAD:
             body["payload"] = payload
         log.info("Sending DPS registration request for %s.", self.registration_id)
         response = self.cloud.send(
