@@ -15,11 +15,21 @@ from aziot.bus.protocol import Caller, Client
 
 from .body import Fields, ShapeError, describe
 from .http import Request, Response, Route, ServiceApp, route
+from .serde_replay import STRING, Field, Opt, Str, Struct, serde_body
 
 API_VERSIONS = ("2020-09-01",)
 REQUEST = "struct Request"
 # The original's `Pem` field type says so when it is given something other than a string.
 PEM_EXPECTED = "a base64-encoded string"
+
+# The original's request structs (aziot-cert-common-http), as serde reads them. DELETE's body
+# is `IgnoredAny`, the default.
+PEM = Str(PEM_EXPECTED)
+ISSUER = Struct("Issuer", (Field("certId", STRING), Field("privateKeyHandle", STRING)))
+CREATE_CERT = Struct(
+    "Request", (Field("certId", STRING), Field("csr", PEM), Field("issuer", Opt(ISSUER)))
+)
+IMPORT_CERT = Struct("Request", (Field("pem", PEM),))
 
 
 def pem_field(body: Fields, name: str) -> str:
@@ -47,6 +57,7 @@ class CertdApi:
         ]
         return ServiceApp("certd", API_VERSIONS, routes)
 
+    @serde_body(CREATE_CERT)
     async def create_cert(self, request: Request) -> Response:
         body = Fields(request.body(), REQUEST, ("certId", "csr", "issuer"))
         cert_id = body.string("certId")
@@ -68,6 +79,7 @@ class CertdApi:
         )
         return Response(200, {"pem": reply.pem})
 
+    @serde_body(IMPORT_CERT)
     async def import_cert(self, request: Request) -> Response:
         (cert_id,) = request.params
         pem = pem_field(Fields(request.parsed_body, REQUEST, ("pem",)), "pem")

@@ -22,7 +22,7 @@ from aziot.bus.errors import BusError, ErrorKind
 from aziot.bus.logtext import loggable
 
 from . import http1
-from .body import ShapeError, parse_json, shape_message
+from .body import JsonSyntaxError, ShapeError, parse_json, shape_message
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,22 @@ def rust_debug(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def _parse_as_serde(raw: bytes, handler: Handler | None) -> Any:
+    """The body as Python's parser reads it; when that fails, serde's reading of it into the
+    handler's body type decides: its error, or what it accepts (JSON Python refuses only where
+    serde skips it: deep, repeated or unchecked in values of unknown fields)."""
+    try:
+        return parse_json(raw)
+    except JsonSyntaxError:
+        # imported here: the replay quotes strings with this module's rust_debug
+        from .serde_replay import Refused, body_type_of, replay
+
+        verdict = replay(raw, body_type_of(handler))
+        if isinstance(verdict, Refused):
+            raise JsonSyntaxError(verdict.message) from None
+        return verdict.value
+
+
 class ServiceApp:
     """One service's HTTP API: api-version check, routing, body rules, error mapping."""
 
@@ -156,12 +172,39 @@ class ServiceApp:
                 return candidate, params
         raise HttpError(404, "not found")
 
-    async def _parse_json(self, raw: bytes) -> Any:
+    async def _parse_json(self, raw: bytes, handler: Handler | None) -> Any:
         """A large body is parsed in a worker thread: parsing a megabyte holds the loop for
         tens of milliseconds, which every other caller would wait out."""
         if len(raw) < LARGE_BODY:
-            return parse_json(raw)
-        return await trio.to_thread.run_sync(parse_json, raw, limiter=self._parsers)
+            return _parse_as_serde(raw, handler)
+        return await trio.to_thread.run_sync(_parse_as_serde, raw, handler, limiter=self._parsers)
+
+    async def _replay(self, raw: bytes, handler: Handler | None) -> Any:
+        """serde's verdict on a body a handler refused (off the loop when large, as parsing)."""
+        from .serde_replay import body_type_of, replay
+
+        kind = body_type_of(handler)
+        if len(raw) < LARGE_BODY:
+            return replay(raw, kind)
+        return await trio.to_thread.run_sync(replay, raw, kind, limiter=self._parsers)
+
+    async def _handle_as_serde(
+        self, handler: Handler, request: Request, error: ShapeError
+    ) -> Response:
+        """A handler refused the body: serde, reading it in one pass, has the last word. Its
+        error is the 422; if it accepts (the handler was stricter, as on `{"ECDSA":null}` for
+        an algorithm), the handler gets serde's reading of the body instead."""
+        from .serde_replay import Refused
+
+        raw = request.raw_body or b""
+        verdict = await self._replay(raw, handler)
+        if isinstance(verdict, Refused):
+            raise HttpError(422, verdict.message)
+        try:
+            return await handler(attrs.evolve(request, parsed_body=verdict.value))
+        except ShapeError as again:
+            log.warning("%s: serde accepts a body its handler refuses: %s", self.name, again)
+            raise HttpError(422, shape_message(error, raw)) from None
 
     async def __call__(self, incoming: http1.Request) -> http1.Response:
         try:
@@ -212,9 +255,10 @@ class ServiceApp:
         candidate, params = self._route(path, api_version)
         method = incoming.method
         raw_body = await self._read_body(incoming, method)
-        # The original parses the body before it looks at the method: bad JSON wins over 400.
-        parsed = None if raw_body is None else await self._parse_json(raw_body)
         handler = candidate.handlers.get(method)
+        # The original parses the body (as `IgnoredAny` for a method the route lacks) before it
+        # looks at the method: bad JSON wins over 400.
+        parsed = None if raw_body is None else await self._parse_json(raw_body, handler)
         if handler is None:
             raise HttpError(400, "method not allowed")
         request = Request(
@@ -223,7 +267,7 @@ class ServiceApp:
         try:
             return await handler(request)
         except ShapeError as error:
-            raise HttpError(422, shape_message(error, raw_body or b"")) from None
+            return await self._handle_as_serde(handler, request, error)
 
     @staticmethod
     async def _read_body(incoming: http1.Request, method: str) -> bytes | None:

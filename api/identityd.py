@@ -19,11 +19,20 @@ from aziot.bus.protocol import Caller, Client
 
 from .body import Fields
 from .http import Request, Response, Route, ServiceApp, route
+from .serde_replay import STRING, Field, Struct, Swallowed, serde_body
 
 API_VERSIONS = ("2020-09-01", "2021-12-01", "2022-08-01")
 REQUEST = "struct Request"
 # identityd reaches the cloud inside requests (DPS up to its timeouts): callers wait longer.
 CLOUD_CALL_TIMEOUT = 300.0
+
+# The original's request structs (aziot-identity-common-http), as serde reads them; the other
+# routes' bodies are `IgnoredAny`, the default. create_module_identity's `opts` is a flattened
+# `Option<CreateModuleOpts>`: serde buffers every unknown value, then drops any error reading it.
+GET_DEVICE = Struct("Request", (Field("type", STRING),))
+CREATE_MODULE = Struct(
+    "Request", (Field("type", STRING), Field("moduleId", STRING)), flatten=(Swallowed(),)
+)
 
 
 class IdentitydApi:
@@ -58,6 +67,7 @@ class IdentitydApi:
     async def get_identity(self, request: Request) -> Response:
         return await self._call(request, Identity.get_identity, GetIdentity())
 
+    @serde_body(GET_DEVICE)
     async def get_device(self, request: Request) -> Response:
         Fields(request.body(), REQUEST, ("type",)).string("type")  # required, value unused
         return await self._call(request, Identity.get_device, GetDevice())
@@ -73,6 +83,7 @@ class IdentitydApi:
         type_ = request.query.get("type")
         return await self._call(request, Identity.list_modules, ListModules(type_))
 
+    @serde_body(CREATE_MODULE)
     async def create_module(self, request: Request) -> Response:
         body = Fields(request.body(), REQUEST)
         type_ = body.string("type")

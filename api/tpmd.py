@@ -11,11 +11,16 @@ from aziot.bus.protocol import NOTHING, Caller, Client
 
 from .body import Fields
 from .http import Request, Response, Route, ServiceApp, route
+from .serde_replay import BASE64, Field, Struct, serde_body
 
 API_VERSIONS = ("2020-09-01",)
 REQUEST = "struct Request"
 # A little more than the worker's own CALL_TIMEOUT: the worker answers first, with its cause.
 TIMEOUT = 25.0
+
+# The original's request structs (aziot-tpm-common-http), as serde reads them.
+IMPORT_AUTH_KEY = Struct("Request", (Field("key", BASE64),))
+SIGN_WITH_AUTH_KEY = Struct("Request", (Field("data", BASE64),))
 
 
 class TpmdApi:
@@ -44,6 +49,7 @@ class TpmdApi:
             },
         )
 
+    @serde_body(IMPORT_AUTH_KEY)
     async def import_auth_key(self, request: Request) -> Response:
         key = Fields(request.body(), REQUEST, ("key",)).b64("key")
         await self._tpm.call(
@@ -51,6 +57,7 @@ class TpmdApi:
         )
         return Response(200, {})
 
+    @serde_body(SIGN_WITH_AUTH_KEY)
     async def sign_with_auth_key(self, request: Request) -> Response:
         data = Fields(request.body(), REQUEST, ("data",)).b64("data")
         reply = await self._tpm.call(

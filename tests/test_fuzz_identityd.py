@@ -29,12 +29,9 @@ the original writes too). Then both are put back exactly, so examples start from
 original's 500 (`no local id settings specified`) and a local read its 400 (`local identity for
 <id> doesn't exist`); issuing local identities needs certd and is tested in test_identityd.py.
 
-Where our daemon is known to differ from the original (the strict xfails at the end of this
-file), the judge also accepts our daemon's answer and says so as a hypothesis event.
-
 A few kinds of request are not fuzzed: a reprovision by root or the daemon (a DPS round trip and
 a reconciliation: one deterministic test below), JSON with repeated keys, lone surrogates or deep
-nesting (the shared body parser's divergences, pinned in test_fuzz_certd.py).
+nesting (serde's rules for those are pinned in test_fuzz_certd.py and test_body.py).
 
 The example counts are fixed per test (120, 110 and 70: 300 in all, about 30 s after a ~7 s
 start); `IDENTITYD_FUZZ_SCALE=<factor>` multiplies them. Examples are derandomized.
@@ -71,7 +68,6 @@ from tests.fuzz_common import (
     Unmodelled,
     check_head,
     form_decode,
-    known,
     percent_decode,
     quiet_event,
 )
@@ -270,8 +266,7 @@ def invalid_type(value: Any, expected: str) -> str:
 
 def serde_texts(value: Any, fields: tuple[str, ...], flatten: bool) -> set[str]:
     """The original's 422 text (before its position) for a body typed `struct Request` with
-    string `fields`, and our daemon's variant (its fields checked in declaration order, pinned
-    below); empty when the body deserializes."""
+    string `fields`; empty when the body deserializes."""
     if isinstance(value, list) and not flatten:
         if len(value) < len(fields):
             plural = "" if len(fields) == 1 else "s"
@@ -291,17 +286,7 @@ def serde_texts(value: Any, fields: tuple[str, ...], flatten: bool) -> set[str]:
     missing = [f"missing field `{name}`" for name in fields if name not in value]
     if theirs is None and missing:
         theirs = missing[0]
-    ours = None
-    for name in fields:
-        if name not in value:
-            ours = f"missing field `{name}`"
-            break
-        if not isinstance(value[name], str):
-            ours = invalid_type(value[name], "a string")
-            break
-    if theirs != ours:
-        quiet_event("tolerated: a 422 in our daemon's field order (pinned below)")
-    return {text for text in (theirs, ours) if text is not None}
+    return set() if theirs is None else {theirs}
 
 
 def read_body(raw: bytes, typed: tuple[tuple[str, ...], bool] | None) -> Any:
@@ -1261,7 +1246,7 @@ def test_the_daemon_survived(world: World) -> None:
     world.check_log("the end")
 
 
-# -- differences from the original that the fuzzing above found ---------------------------------
+# -- differences from the original that the fuzzing above found (all fixed) ---------------------
 
 
 def query(extra: str) -> str:
@@ -1342,7 +1327,6 @@ def test_listing_backs_up_every_module(world: World) -> None:
     pin(world, request, success(200, check, listed.files))
 
 
-@known("422 text: ours checks the fields in declaration order, serde in the body's order")
 def test_the_first_bad_field_in_the_body_is_reported(world: World) -> None:
     body = b'{"moduleId":5}'
     text = "invalid type: integer `5`, expected a string"
