@@ -72,30 +72,32 @@ class Operation(Generic[Req, Rep]):
     request: type[Req]
     reply: type[Rep]
     name: str = ""  # set from the attribute name by Protocol
-    # cattrs' hooks for the two types, looked up once: its per-call dispatch cost as much as
-    # the conversion itself, four times a request. (A hook registered on `converter` after an
-    # operation is declared would be missed: none is; register any before declaring.)
-    _hooks: tuple[Any, Any, Any, Any] = attrs.field(init=False)
+    # cattrs' hooks for the two types, looked up at first use: its per-call dispatch costs
+    # as much as the conversion itself, four times a request, and building them all at import
+    # would add tens of milliseconds to the daemon's start.
+    _hooks: tuple[Any, Any, Any, Any] | None = attrs.field(init=False, default=None)
 
-    def __attrs_post_init__(self) -> None:
-        self._hooks = (
-            converter.get_unstructure_hook(self.request),
-            converter.get_structure_hook(self.request),
-            converter.get_unstructure_hook(self.reply),
-            converter.get_structure_hook(self.reply),
-        )
+    def _hook(self, which: int) -> Any:
+        if self._hooks is None:
+            self._hooks = (
+                converter.get_unstructure_hook(self.request),
+                converter.get_structure_hook(self.request),
+                converter.get_unstructure_hook(self.reply),
+                converter.get_structure_hook(self.reply),
+            )
+        return self._hooks[which]
 
     def encode(self, request: Req) -> dict[str, Any]:
-        return self._hooks[0](request)
+        return self._hook(0)(request)
 
     def decode(self, args: dict[str, Any]) -> Req:
-        return self._hooks[1](args, self.request)
+        return self._hook(1)(args, self.request)
 
     def encode_reply(self, reply: Rep) -> Any:
-        return self._hooks[2](reply)
+        return self._hook(2)(reply)
 
     def decode_reply(self, wire: Any) -> Rep:
-        return self._hooks[3](wire, self.reply)
+        return self._hook(3)(wire, self.reply)
 
 
 class Protocol:
