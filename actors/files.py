@@ -23,6 +23,7 @@ import stat
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,12 @@ class UnsafeDirectory(ConfigError):
     configuration problem, so the daemon exits 78 at once instead of restarting the service."""
 
 
-def make_directories(path: Path, mode: int, parents_mode: int = 0o755) -> None:
+def make_directories(
+    path: Path, mode: int, parents_mode: int = 0o755, service_user: str | None = None
+) -> None:
     """Create `path` with `mode`, and any missing parent with `parents_mode`, whatever the umask
-    (under umask 0, mkdir -p would leave them 0777 and anyone could swap what is inside)."""
+    (under umask 0, mkdir -p would leave them 0777 and anyone could swap what is inside).
+    A directory made inside one of `service_user`'s is given to it (see `inherited_owner`)."""
     missing = []
     current = path
     while not current.exists():
@@ -73,6 +77,25 @@ def make_directories(path: Path, mode: int, parents_mode: int = 0o755) -> None:
         with contextlib.suppress(FileExistsError):  # made meanwhile: checked by the caller
             os.mkdir(directory, wanted)
             os.chmod(directory, wanted)
+            owner = inherited_owner(directory.parent, service_user)
+            if owner is not None:
+                os.chown(directory, *owner)
+
+
+def inherited_owner(directory: Path, service_user: str | None) -> tuple[int, int] | None:
+    """Who should own what root creates in `directory`: `service_user`, when it owns it.
+
+    Installed, aziotd runs as root over directories the original keeps under its service users
+    (`/var/lib/aziot/keyd` is aziotks's). Files and directories made there are given to that
+    user, as the original's would be, so the original can take the device back and read them.
+    That user owns the directory already and could replace anything in it: nothing is given
+    that it did not have. Any other owner (a developer's checkout run with sudo) gets nothing."""
+    if os.geteuid() != 0 or service_user is None:
+        return None
+    info = os.stat(directory)
+    if info.st_uid == 0 or info.st_uid != _uid_of(service_user):
+        return None
+    return info.st_uid, info.st_gid
 
 
 def _uid_of(user: str | None) -> int | None:
@@ -111,13 +134,24 @@ def check_private_directory(path: Path, contents: str, service_user: str | None 
         )
 
 
-def write_atomic(path: Path, data: bytes, faults: Faults, points: str, mode: int = 0o600) -> None:
+def write_atomic(
+    path: Path,
+    data: bytes,
+    faults: Faults,
+    points: str,
+    mode: int = 0o600,
+    service_user: str | None = None,
+) -> None:
     """Write `data` to `path` so that a crash leaves the old file or the new one, never a mix.
-    `points` names the fault points passed (`<points>.write`, `<points>.fsync`)."""
+    `points` names the fault points passed (`<points>.write`, `<points>.fsync`); the file is
+    `service_user`'s when the directory is (see `inherited_owner`)."""
     directory = path.parent
     # A short name: the file name itself may already be at the 255-byte limit.
     fd, temp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
     try:
+        owner = inherited_owner(directory, service_user)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as file:
             faults.hit_blocking(f"{points}.write")
             file.write(data)
@@ -193,8 +227,8 @@ class FileStore:
         can write to them, and sweep temp files that a crash mid-write left behind."""
         if self.directory is None:
             return
-        make_directories(self.directory.parent, 0o700)
-        make_directories(self.directory, 0o700)
+        make_directories(self.directory.parent, 0o700, service_user=self._service_user)
+        make_directories(self.directory, 0o700, service_user=self._service_user)
         check_private_directory(self.directory.parent, self._contents, self._service_user)
         check_private_directory(self.directory, self._contents, self._service_user)
         for stale in self.directory.glob(".*.tmp"):
@@ -277,8 +311,17 @@ class FileStore:
 
     async def write(self, path: Path, data: bytes) -> None:
         self._forget(path)
-        make_directories(path.parent, 0o700)
-        await trio.to_thread.run_sync(write_atomic, path, data, self._faults, self._points)
+        make_directories(path.parent, 0o700, service_user=self._service_user)
+        await trio.to_thread.run_sync(
+            partial(
+                write_atomic,
+                path,
+                data,
+                self._faults,
+                self._points,
+                service_user=self._service_user,
+            )
+        )
         self._forget(path)
 
     async def remove(self, path: Path) -> None:

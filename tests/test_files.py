@@ -6,12 +6,20 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import stat
 from pathlib import Path
 
 import pytest
+import trio
 
 from aziot.actors.b64 import NonCanonical, decode_strict, encode
-from aziot.actors.files import FileStore, UnsafeDirectory, file_name
+from aziot.actors.files import (
+    FileStore,
+    UnsafeDirectory,
+    file_name,
+    make_directories,
+    write_atomic,
+)
 from aziot.actors.keys.store import key_file_name
 from aziot.bus.errors import BusError
 from aziot.bus.faults import Faults
@@ -119,6 +127,44 @@ def test_as_root_the_services_own_user_may_own_the_store_and_no_other(tmp_path: 
             contents="the certificates",
             service_user="daemon",
         ).prepare()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: aziotd as installed, over chown'd dirs")
+def test_as_root_files_made_in_the_service_users_store_are_its_own(tmp_path: Path) -> None:
+    """So that the original, running as that user again, can read what aziotd wrote."""
+    nobody = pwd.getpwnam("nobody")
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    store = FileStore(
+        home / "certs",
+        Faults(),
+        extension="cer",
+        points="certs.store",
+        contents="the certificates",
+        service_user="nobody",
+    )
+    store.prepare()  # certs/ is made inside nobody's home: nobody's too
+    written = home / "certs" / "sub" / "a.cer"
+    trio.run(store.write, written, b"pem")
+    for path in (home / "certs", home / "certs" / "sub", written):
+        info = os.stat(path)
+        assert (info.st_uid, info.st_gid) == (nobody.pw_uid, nobody.pw_gid), path
+    assert stat.S_IMODE(os.stat(written).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(home / "certs").st_mode) == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files")
+def test_as_root_files_elsewhere_stay_roots(tmp_path: Path) -> None:
+    """A directory of some other user (a checkout run with sudo) gives it nothing."""
+    daemon = pwd.getpwnam("daemon")
+    (tmp_path / "theirs").mkdir()
+    os.chown(tmp_path / "theirs", daemon.pw_uid, daemon.pw_gid)
+    write_atomic(tmp_path / "theirs" / "f", b"x", Faults(), "p", service_user="nobody")
+    make_directories(tmp_path / "theirs" / "d", 0o700, service_user="nobody")
+    write_atomic(tmp_path / "mine", b"x", Faults(), "p", service_user="nobody")
+    for path in (tmp_path / "theirs" / "f", tmp_path / "theirs" / "d", tmp_path / "mine"):
+        assert os.stat(path).st_uid == 0, path
 
 
 def test_a_crash_mid_write_leaves_a_temp_file_that_prepare_sweeps(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from aziot.bus.faults import Faults
 log = logging.getLogger(__name__)
 
 POINTS = "identity.state"
+SERVICE_USER = "aziotid"  # the original's user for identityd's state (see inherited_owner)
 
 
 @attrs.frozen
@@ -71,14 +72,14 @@ class StateFiles:
     def prepare(self) -> None:
         """The homedir 0700, and temp files that a crash mid-write left behind removed (the
         renames they were for never happened, so they hold nothing anyone acknowledged)."""
-        make_directories(self.homedir, 0o700)
+        make_directories(self.homedir, 0o700, service_user=SERVICE_USER)
         for stale in [*self.homedir.glob(".*.tmp"), *self.homedir.glob("modules/*/.*.tmp")]:
             log.info("removing %s, left by an interrupted write", stale)
             stale.unlink(missing_ok=True)
 
     def _write(self, path: Path, text: str) -> None:
-        make_directories(path.parent, 0o700)
-        write_atomic(path, text.encode("utf-8"), self._faults, POINTS)
+        make_directories(path.parent, 0o700, service_user=SERVICE_USER)
+        write_atomic(path, text.encode("utf-8"), self._faults, POINTS, service_user=SERVICE_USER)
 
     # -- device_info ---------------------------------------------------------------------
 
