@@ -506,6 +506,21 @@ def plan(
     return files, directories
 
 
+def left_alone_note(config: sc.SuperConfig) -> str | None:
+    """One line naming the super-config's keys apply accepted but did not use, if any."""
+    parts = []
+    if config.left_for_iot_edge:
+        parts.append(
+            f"left for IoT Edge: {', '.join(config.left_for_iot_edge)} "
+            "(`iotedge config apply` reads them)"
+        )
+    parts += [
+        f"`[{key}]` is read only by debug builds of the original: ignored"
+        for key in config.ignored_debug_only
+    ]
+    return f"Note: {'; '.join(parts)}" if parts else None
+
+
 def apply(config_path: Path, layout: Layout, out: TextIO) -> None:
     """Read, render, check and write; raises ConfigError or ApplyError having changed nothing."""
     # The services resolve config paths from their own working directory: write absolute ones.
@@ -527,6 +542,9 @@ def apply(config_path: Path, layout: Layout, out: TextIO) -> None:
     write_all(files, directories)
     if rendered.device_id_key is not None:
         print(f"Note: the device's key was written to {layout.keyd_secrets / DEVICE_ID}", file=out)
+    note = left_alone_note(config)
+    if note is not None:
+        print(note, file=out)
     print(f"Applied {config_path}; wrote:", file=out)
     for service in SERVICES:
         print(f"    {layout.applied_config(service)}", file=out)

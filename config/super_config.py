@@ -8,6 +8,16 @@ know (a misspelt `registraton_id` is only noticed when DPS refuses the device), 
 a wrong type, a missing field or two settings that exclude each other is refused, in one
 message naming the file, the line, the key and what was expected.
 
+On an IoT Edge device the same file is IoT Edge's super-config, a superset that
+`iotedge config apply` reads. Its own top-level keys (`IOT_EDGE_KEYS`: those of IoT Edge 1.4
+and 1.5, which have the same set) and the original's debug-build-only `[endpoints]`
+(`DEBUG_BUILD_KEYS`) are accepted and left alone, whole: not read, not checked (IoT Edge checks
+its own), and named in the result (`left_for_iot_edge`, `ignored_debug_only`) so apply can say
+so. The rule that keeps misspellings refused: a key is left alone only under its exact name
+and only at the top level; any other unknown key, at the top level or inside our sections, is
+refused as before, and at the top level the known name it is closest to is suggested
+(`hostnmae`: did you mean hostname?; `trust_bundle_certs`: did you mean trust_bundle_cert?).
+
 Key locations come back normalised as the original writes them into keyd's config (`file://`
 URLs, PKCS#11 URIs re-encoded); cert locations as `file://` URLs.
 """
@@ -244,6 +254,9 @@ class SuperConfig:
     local_ca: IssuanceOptions | CertAndKey | None = None
     preloaded_certs: dict[str, str | list[str]] = attrs.field(factory=dict)
     tpm: Tpm = attrs.field(factory=Tpm)
+    # Top-level keys present but not ours to read, sorted: IoT Edge's, and debug-only ones.
+    left_for_iot_edge: tuple[str, ...] = ()
+    ignored_debug_only: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,9 +633,39 @@ _TOP_KEYS = (
     "tpm",
 )
 
+# IoT Edge's super-config keys (Azure/iotedge edgelet/iotedge/src/config/super_config.rs, the
+# same in 1.4.x and 1.5.x; `manifest_trust_bundle_cert` only in its content-trust builds).
+IOT_EDGE_KEYS = (
+    "trust_bundle_cert",
+    "allow_elevated_docker_permissions",
+    "auto_reprovisioning_mode",
+    "imported_master_encryption_key",
+    "manifest_trust_bundle_cert",
+    "additional_info",
+    "iotedge_max_requests",
+    "agent",
+    "connect",
+    "listen",
+    "watchdog",
+    "edge_ca",
+    "moby_runtime",
+    "image_garbage_collection",
+)
+
+# The original reads these only when built in debug mode; its release builds skip them.
+DEBUG_BUILD_KEYS = ("endpoints",)
+
 
 def parse_super_config(data: dict[str, Any], source: Source) -> SuperConfig:
     top = Table(data, "", source)
+    # Unknown top-level keys first: a misspelt `[provisoning]` is then named as such, not
+    # reported as `provisioning` missing.
+    known = (*_TOP_KEYS, *DEBUG_BUILD_KEYS, *IOT_EDGE_KEYS)
+    for key in known:
+        top.take(key)
+    top.refuse_others(known, suggest=True)
+    left_for_iot_edge = tuple(sorted(key for key in IOT_EDGE_KEYS if top.has(key)))
+    ignored_debug_only = tuple(sorted(key for key in DEBUG_BUILD_KEYS if top.has(key)))
     hostname = top.string("hostname")
     if top.has("local_gateway_hostname") and top.has("parent_hostname"):
         raise top.error(
@@ -666,7 +709,6 @@ def parse_super_config(data: dict[str, Any], source: Source) -> SuperConfig:
     preloaded_certs = {} if certs_table is None else _preloaded_certs(certs_table)
     tpm_table = top.table("tpm")
     tpm = Tpm() if tpm_table is None else _tpm(tpm_table)
-    top.refuse_others(_TOP_KEYS)
     return SuperConfig(
         provisioning=provisioning,
         hostname=hostname,
@@ -682,6 +724,8 @@ def parse_super_config(data: dict[str, Any], source: Source) -> SuperConfig:
         local_ca=local_ca,
         preloaded_certs=preloaded_certs,
         tpm=tpm,
+        left_for_iot_edge=left_for_iot_edge,
+        ignored_debug_only=ignored_debug_only,
     )
 
 

@@ -10,9 +10,11 @@ A `Table` is read against where its data came from:
 
 - `Source`: one file's name and text. tomli keeps no positions, so the line is found by
   scanning the text for the table headers and keys (best effort: a key the scan cannot place is
-  given the line of its nearest table, or none). Arrays of tables are counted, so
-  `principal[1].uid` is found under the second `[[principal]]`. A `Source` with no text (a
-  table that was never a file, or whose text the caller does not have) names only the file.
+  given the line of its nearest table, or none). A table named only as part of a dotted name
+  (`[cert_issuance.est]` makes `cert_issuance`) has the line of the first such name. Arrays
+  of tables are counted, so `principal[1].uid` is found under the second `[[principal]]`. A
+  `Source` with no text (a table that was never a file, or whose text the caller does not
+  have) names only the file.
 - `MergedSource`: a service config as aziotd loads it, the base file merged with its
   `config.d/*.toml` drop-ins (as `loader.merge` merges them). Each key is traced to the file
   that gave its value (the last one to set it), and its line is looked up in that file. The
@@ -32,6 +34,7 @@ All four config models (super-config, certd, identityd, tpmd) read through this 
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +82,8 @@ class Source:
     def __init__(self, name: str, text: str = "") -> None:
         self.name = name
         self._lines: dict[str, int] = {}
+        # Tables only implied by a dotted name (`[a.b]` makes `a`): their first such line.
+        self._implied: dict[str, int] = {}
         arrays: dict[str, int] = {}  # array-of-tables path -> how many elements so far
         table = ""
         for number, line in enumerate(text.splitlines(), start=1):
@@ -86,16 +91,24 @@ class Source:
             if header:
                 table = self._table_path(header.group(1) == "[[", header.group(2), arrays)
                 self._lines.setdefault(table, number)
+                self._imply_parents(table, number)
                 continue
             assignment = _ASSIGNMENT.match(line)
             if not assignment:
                 continue
             path = _extend(table, assignment.group(1))
             self._lines.setdefault(path, number)
+            self._imply_parents(path, number)
             # Keys of an inline table on the same line (`pk = { uri = "…" }`).
             rest = line[assignment.end() :]
             for inner in _INLINE_KEY.finditer(rest):
                 self._lines.setdefault(_extend(path, inner.group(1)), number)
+
+    def _imply_parents(self, path: str, number: int) -> None:
+        parent = _parent(path)
+        while parent:
+            self._implied.setdefault(parent, number)
+            parent = _parent(parent)
 
     @staticmethod
     def _table_path(is_array: bool, key: str, arrays: dict[str, int]) -> str:
@@ -113,10 +126,13 @@ class Source:
         return path
 
     def line(self, path: str) -> int | None:
-        """The line of `path`, else of its nearest enclosing table that the scan found."""
+        """The line of `path` (its own header or key, else the first dotted name implying it),
+        else of its nearest enclosing table that the scan found."""
         while path:
             if path in self._lines:
                 return self._lines[path]
+            if path in self._implied:
+                return self._implied[path]
             path = _parent(path)
         return None
 
@@ -354,17 +370,33 @@ class Table:
             raise self.error(key, f"expected one of {expected}, found {value!r}")
         return value
 
-    def refuse_others(self, known: Sequence[str], condition: str = "") -> None:
+    def refuse_others(
+        self, known: Sequence[str], condition: str = "", *, suggest: bool = False
+    ) -> None:
         """Refuse every key not taken, naming the first in the file and what is known here
-        (under `condition`, e.g. 'for method = "est"', when what is known depends on it)."""
+        (under `condition`, e.g. 'for method = "est"', when what is known depends on it).
+
+        With `suggest`, the known key closest to the first (if any is close) is offered, for
+        a table whose known list is too long to scan by eye."""
         unknown = sorted(set(self.data) - self._taken)
         if unknown:
             first = min(unknown, key=lambda key: self.source.position(self.name(key)))
             others = [self.name(key) for key in unknown if key != first]
             also = f" (and {', '.join(others)})" if others else ""
             when = f" ({condition})" if condition else ""
+            hint = ""
+            if suggest:
+                close = _closest(first, known)
+                hint = f" (did you mean {close}?)" if close is not None else ""
             raise self.source.error(
                 self.name(first),
-                f"unknown key{also}, misspelt or not used here; "
+                f"unknown key{also}, misspelt or not used here{hint}; "
                 f"known here{when}: {', '.join(known) or 'none'}",
             )
+
+
+def _closest(key: str, known: Sequence[str]) -> str | None:
+    """The known name `key` most likely misspells (case aside), or None when none is close."""
+    by_lower = {name.lower(): name for name in known}
+    matches = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.75)
+    return by_lower[matches[0]] if matches else None
