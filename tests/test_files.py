@@ -25,13 +25,16 @@ from aziot.bus.errors import BusError
 from aziot.bus.faults import Faults
 
 
-def cert_store(directory: Path, faults: Faults | None = None, **options: int) -> FileStore:
+def cert_store(
+    directory: Path, faults: Faults | None = None, service_user: str | None = None, **options: int
+) -> FileStore:
     return FileStore(
         directory,
         faults or Faults(),
         extension="cer",
         points="certs.store",
         contents="the certificates",
+        service_user=service_user,
         **options,
     )
 
@@ -109,24 +112,10 @@ def test_as_root_the_services_own_user_may_own_the_store_and_no_other(tmp_path: 
     os.chown(home / "certs", nobody, nobody)
     with pytest.raises(UnsafeDirectory, match=f"belongs to uid {nobody}, not to this user"):
         cert_store(home / "certs").prepare()
-    trusted = FileStore(
-        home / "certs",
-        Faults(),
-        extension="cer",
-        points="certs.store",
-        contents="the certificates",
-        service_user="nobody",
-    )
+    trusted = cert_store(home / "certs", service_user="nobody")
     trusted.prepare()
     with pytest.raises(UnsafeDirectory, match=f"uid {nobody}, not to this user .* nor to daemon"):
-        FileStore(
-            home / "certs",
-            Faults(),
-            extension="cer",
-            points="certs.store",
-            contents="the certificates",
-            service_user="daemon",
-        ).prepare()
+        cert_store(home / "certs", service_user="daemon").prepare()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: aziotd as installed, over chown'd dirs")
@@ -136,14 +125,7 @@ def test_as_root_files_made_in_the_service_users_store_are_its_own(tmp_path: Pat
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
     os.chown(home, nobody.pw_uid, nobody.pw_gid)
-    store = FileStore(
-        home / "certs",
-        Faults(),
-        extension="cer",
-        points="certs.store",
-        contents="the certificates",
-        service_user="nobody",
-    )
+    store = cert_store(home / "certs", service_user="nobody")
     store.prepare()  # certs/ is made inside nobody's home: nobody's too
     written = home / "certs" / "sub" / "a.cer"
     trio.run(store.write, written, b"pem")
