@@ -548,7 +548,7 @@ class World:
                     assert text.startswith(answer.prefix), f"{what}\n  wanted {answer.prefix!r}"
                 if status == 422:
                     assert SERDE_POSITION.search(text), what
-                    event("422: " + re.sub(r"[`\"].*", "", text.split(" at line ")[0]))
+                    quiet_event("422: " + re.sub(r"[`\"].*", "", text.split(" at line ")[0]))
         elif status == 204:
             assert reply.body == b"" and "content-type" not in reply.headers, what
         else:
