@@ -2044,3 +2044,30 @@ def test_numbers_beyond_f64(world: World, number: str, where: str) -> None:
         raw = f'{{"keyId":"sym","usage":"sign","comment":{value}}}'
         want = success(200)
     pin(world, post("/sign" if where == "flattened-ignored" else "/key", raw.encode()), want)
+
+
+@PIN
+@given(order=st.sampled_from(["tag-first", "content-first"]))
+def test_an_algorithm_may_be_a_map_of_its_unit_variant(world: World, order: str) -> None:
+    """serde reads an adjacently tagged enum's tag as an enum: `{"HMAC-SHA256":null}` is the
+    tag; the handler, stricter, is handed serde's reading of the body."""
+    handle = world.handles["sym"]
+    parts = ['"algorithm":{"HMAC-SHA256":null}', '"parameters":{"message":"aGk="}']
+    if order == "content-first":
+        parts.reverse()
+    raw = f'{{"keyHandle":"{handle}",{",".join(parts)}}}'.encode()
+    plain = {"keyHandle": handle, "algorithm": "HMAC-SHA256", "parameters": {"message": "aGk="}}
+    pin(world, post("/sign", raw), sign(world, (), plain))
+
+
+@PIN
+@given(parameters=st.sampled_from(["{}", "[]", '""', "0"]))
+def test_a_unit_algorithm_takes_only_null_parameters(world: World, parameters: str) -> None:
+    handle = world.handles["rsa"]
+    raw = (
+        f'{{"keyHandle":"{handle}","algorithm":"RSA-PKCS1","parameters":{parameters},'
+        f'"plaintext":"aGk="}}'
+    ).encode()
+    shown = {"{}": "map", "[]": "sequence", '""': 'string ""', "0": "integer `0`"}[parameters]
+    text = f"invalid type: {shown}, expected unit variant Parameters::RsaPkcs1"
+    pin(world, post("/encrypt", raw), error(422, f"{text} at line 1 column {len(raw)}"))
