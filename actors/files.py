@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 import trio
 
+from aziot.actors.permissions import Reader, unreadable
 from aziot.bus.faults import Faults
 from aziot.config.loader import ConfigError
 
@@ -203,9 +204,11 @@ class FileStore:
         points: str,
         contents: str,
         service_user: str | None = None,
+        private: bool = True,
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self.directory = directory
+        self._private = private  # advice for an unreadable file never makes it world-readable
         self._service_user = service_user
         self.extension = extension
         self._faults = faults
@@ -279,6 +282,8 @@ class FileStore:
         except FileNotFoundError:
             self._forget(path)
             return None
+        except PermissionError:
+            raise self._unreadable(path) from None
         signature = (info.st_ino, info.st_size, info.st_mtime_ns)
         entry = self._cache.get(path)
         if entry is not None and entry.signature == signature:
@@ -292,12 +297,19 @@ class FileStore:
                 data = await trio.to_thread.run_sync(path.read_bytes)
         except FileNotFoundError:
             return None
+        except PermissionError:
+            raise self._unreadable(path) from None
         entry = _Cached(signature, data)
         if len(data) <= CACHEABLE:
             self._cache[path] = entry
             self._cached_bytes += entry.cost
             self._trim()
         return entry
+
+    def _unreadable(self, path: Path) -> PermissionError:
+        """The refusal with what blocks and what would work, for the log (spec/lessons.md 1)."""
+        why = unreadable(path, Reader.this_process(), private=self._private)
+        return PermissionError(why or f"{path}: permission denied")
 
     def _forget(self, path: Path) -> None:
         entry = self._cache.pop(path, None)

@@ -23,7 +23,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from aziot.cli.checks.readers import Reader, unreadable
+from aziot.actors.permissions import Reader, exposed, unreadable
 from aziot.cli.layout import Layout
 from aziot.cli.main import main
 from aziot.supervisor.version import package_version
@@ -484,6 +484,46 @@ def test_identityd_settings_check(device: Device, ntp: SntpServer, capsys, monke
     assert results(document)["hostname"] == "skipped"
 
 
+def test_a_private_key_open_to_every_user_is_a_warning(
+    device: Device, ntp: SntpServer, capsys, monkeypatch
+) -> None:
+    """The leftover of `chmod -R 777` on a key folder (spec/lessons.md 1)."""
+    device.key_file.chmod(0o644)
+    daemon = device.daemon(("keyd", "certd")).start()
+    try:
+        code, document = check(device, capsys, monkeypatch, ntp=ntp)
+    finally:
+        daemon.stop()
+    assert results(document)["key-pairs-read"] == "warning"
+    text = details(document, "key-pairs-read")
+    assert f"preloaded key 'device-id': {device.key_file} has mode 0644" in text
+    assert "every user on the device can read this private key" in text
+    assert f"chmod 0640 {device.key_file}" in text  # its group reads it today
+    assert code == 0  # a warning, not a failure: the device works
+
+
+def test_exposed_names_the_file_or_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    key = folder / "k.pem"
+    key.write_text("x")
+    for file_mode, folder_mode, expected in (
+        (0o600, 0o700, None),
+        (0o640, 0o750, None),
+        (0o604, 0o700, "can read this private key. For example `chmod 0600"),
+        (0o646, 0o700, "can read and replace this private key. For example `chmod 0640"),
+        (0o600, 0o777, f"{folder} has mode 0777: every user on the device can replace"),
+        (0o600, 0o1777, None),  # sticky: others cannot replace what they do not own
+    ):
+        key.chmod(file_mode)
+        folder.chmod(folder_mode)
+        problem = exposed(key)
+        if expected is None:
+            assert problem is None, (oct(file_mode), oct(folder_mode), problem)
+        else:
+            assert problem is not None and expected in problem, (oct(file_mode), problem)
+
+
 def test_key_not_matching_its_cert(device: Device, ntp: SntpServer, capsys, monkeypatch) -> None:
     device.write_cert(days_before=1, days_after=365, key=generate_key("ec-p256"))
     daemon = device.daemon(("keyd", "certd")).start()
@@ -524,8 +564,16 @@ def test_key_unreadable_by_the_daemons_user(
     ).start()
     try:
         code, document = check(device, capsys, monkeypatch, ntp=ntp)
+        # keyd itself, asked for the key, logs the same explanation (the client gets the
+        # original's 500 "internal error")
+        reply = daemon.request("keyd", "GET", "/keypair/device-id")
+        daemon_log = daemon.logs()
     finally:
         daemon.stop()
+    assert (reply.status, reply.json()) == (500, {"message": "internal error"})
+    assert f"{device.key_file} is not readable by uid {NOBODY}" in daemon_log
+    assert "the user aziotd runs as" in daemon_log
+    assert "owner root:root (uid 0, gid 0), mode 0600" in daemon_log
     assert code == 1
     assert results(document)["keyd-running"] == "ok"
     assert results(document)["key-pairs-read"] == "error"

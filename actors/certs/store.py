@@ -34,6 +34,7 @@ class CertStore:
             points="certs.store",
             contents="the certificates",
             service_user="aziotcs",
+            private=False,  # certificates are public: the advice may say world-readable
         )
         self.preloaded = preloaded
 

@@ -11,6 +11,8 @@ from urllib.parse import unquote, urlsplit
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from aziot.actors.permissions import exposed
+
 from ..uds import Reply, UdsError, request
 from .context import Context
 from .ids import KEYD_API, quote_id
@@ -65,10 +67,14 @@ def key_pairs_read(ctx: Context, info: dict[str, Any]) -> Outcome:
     warnings: list[str] = []
     for key_id, uri in keyd.preloaded_keys.items():
         if urlsplit(uri).scheme == "file":
-            problem = unreadable(Path(unquote(urlsplit(uri).path)), reader, private=True)
+            path = Path(unquote(urlsplit(uri).path))
+            problem = unreadable(path, reader, private=True)
             if problem is not None:
                 errors.append(f"preloaded key '{key_id}': {problem}")
                 continue
+            open_to_all = exposed(path)
+            if open_to_all is not None:
+                warnings.append(f"preloaded key '{key_id}': {open_to_all}")
         try:
             reply = request(socket, "GET", f"/keypair/{quote_id(key_id)}?api-version={KEYD_API}")
         except UdsError as error:
