@@ -31,7 +31,14 @@ rule (§9).
 
 No headers are sent beyond Host, Content-Length, `Content-Type: application/json` for a body
 and the caller's (no User-Agent, Accept or Accept-Encoding; no cookies kept; no redirects
-followed). `HTTPS_PROXY` / `NO_PROXY` apply (httpx `trust_env`).
+followed).
+
+The proxy is the original's (http-common `get_proxy_uri`): `HTTPS_PROXY`, else `https_proxy`,
+for every call (no `NO_PROXY`, and `HTTP_PROXY` / `ALL_PROXY` do not count: the cloud is HTTPS);
+credentials in its URL become Basic proxy authorization; an `https://` proxy is reached with the
+same TLS settings as the cloud, client certificate included, as the original does. httpx's own
+environment handling (`trust_env`) is off: it would honour `NO_PROXY`, prefer `https_proxy` to
+`HTTPS_PROXY` and read `~/.netrc`, none of which the original does.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import http
 import http.cookiejar
 import json
 import logging
+import os
 import random as _random
 import ssl
 import time
@@ -150,6 +158,46 @@ def retry_after(value: str | None, now: float) -> float | None:
     return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER)
 
 
+# Where the proxy for cloud calls is read from, first set (non-empty) first.
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy")
+PROXY_SCHEMES = ("http", "https")
+
+
+def masked(url: str) -> str:
+    """`url` with the password in its user info shown as `******` (as the original logs it)."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    if not (sep and at and colon):
+        return url
+    return f"{scheme}://{user}:******@{host}{slash}{path}"
+
+
+def proxy_from_env(environ: Mapping[str, str]) -> str | None:
+    """The proxy URL cloud calls go through, or None. An empty variable counts as unset (the
+    original would refuse to start). A value that cannot be used is a `CloudError` naming the
+    variable and the value (password masked): the original refuses to start identityd on one."""
+    for name in PROXY_VARIABLES:
+        value = environ.get(name, "").strip()
+        if not value:
+            continue
+        problem = None
+        try:
+            url = httpx.URL(value)
+        except httpx.InvalidURL as error:
+            problem = str(error)
+        else:
+            if url.scheme not in PROXY_SCHEMES:
+                problem = "a proxy URL starts with http:// or https://"
+            elif not url.host:
+                problem = "it names no host"
+        if problem is not None:
+            raise CloudError(f"{name}={masked(value)!r} is not a usable proxy URL: {problem}")
+        return value
+    return None
+
+
 class _Timeout(Exception):
     """The attempt's deadline passed while the body was still arriving."""
 
@@ -161,7 +209,9 @@ class CloudClient:
 
     `sleep` (also the DPS poll's), `random` (in [0, 1): the throttle jitter), `clock`
     (monotonic: attempt deadlines) and `now` (seconds since the epoch: SAS token expiry) are
-    injectable for tests; `transport` replaces httpx's (tests only)."""
+    injectable for tests; `transport` replaces httpx's (tests only, and then no proxy is
+    used). `environ`: where the proxy is read from (`proxy_from_env`), `os.environ` by default.
+    A proxy URL that cannot be used raises `CloudError`."""
 
     def __init__(
         self,
@@ -172,7 +222,11 @@ class CloudClient:
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], float] = time.time,
         transport: httpx.BaseTransport | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
+        self.proxy = (
+            None if transport else proxy_from_env(os.environ if environ is None else environ)
+        )
         self.sleep = sleep
         self.now = now
         self._random = random
@@ -180,9 +234,15 @@ class CloudClient:
         no_cookies = http.cookiejar.CookieJar(
             policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
         )
+        proxy = None
+        if self.proxy is not None:
+            log.debug("cloud calls go through the HTTPS proxy %s", masked(self.proxy))
+            tls_to_proxy = context if self.proxy.lower().startswith("https:") else None
+            proxy = httpx.Proxy(self.proxy, ssl_context=tls_to_proxy)
         self._http = httpx.Client(
             verify=context,
-            trust_env=True,
+            proxy=proxy,
+            trust_env=False,
             follow_redirects=False,
             cookies=no_cookies,
             transport=transport,
@@ -304,14 +364,17 @@ class CloudClient:
             ) from None
         except httpx.ProxyError as error:
             raise CloudError(
-                f"cannot connect through the proxy to {url}: {error}", network=True, url=url
+                f"cannot connect to {url} through the proxy {masked(self.proxy or '')}: {error}",
+                network=True,
+                url=url,
             ) from None
         except httpx.ConnectError as error:
             cause = error.__cause__ or error.__context__
+            through = f" through the proxy {masked(self.proxy)}" if self.proxy else ""
             if isinstance(cause, ssl.SSLError) or "SSL" in str(error):
-                message = f"TLS handshake with {url} failed: {error}"
+                message = f"TLS handshake with {url}{through} failed: {error}"
             else:
-                message = f"cannot connect to {url}: {error}"
+                message = f"cannot connect to {url}{through}: {error}"
             raise CloudError(message, network=True, url=url) from None
         except httpx.HTTPError as error:
             raise CloudError(
