@@ -262,6 +262,7 @@ class TpmDevice:
         self, esapi: ESAPI, persistent: list[int], handle: int, hierarchy: str, template: Any
     ) -> tuple[Any, bool]:
         name = "endorsement key" if hierarchy == "endorsement" else "storage root key"
+        article = "an" if hierarchy == "endorsement" else "a"
         if handle in persistent:
             with self._translated(f"reading the {name} at {handle:#x}"):
                 tr = esapi.tr_from_tpmpublic(handle)
@@ -270,9 +271,11 @@ class TpmDevice:
             wanted = int(TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT)
             if attributes & wanted != wanted or attributes & int(TPMA_OBJECT.SIGN_ENCRYPT):
                 raise TpmFailure(
-                    f"persistent handle {handle:#x} holds a key that is not a {name} (it is not "
-                    f"a restricted decryption key: attributes {attributes:#x}); tpmd does not "
-                    "replace it: evict it (tpm2_evictcontrol) if it is not needed"
+                    f"persistent handle {handle:#x} holds a key that is not {article} {name} "
+                    f"(it is not a restricted decryption key: attributes {attributes:#x}); tpmd "
+                    "does not replace it: if it is not needed, evict it with `tpm2_evictcontrol "
+                    f"-C o -c {handle:#x}` (and `-P` with the owner password, if one is set); "
+                    "tpmd then takes the handle by itself"
                 )
             return tr, False
         log.warning("tpm: no %s at %#x; creating one from the default RSA template", name, handle)
