@@ -908,7 +908,7 @@ def test_missing_field_texts_are_serdes(
     [
         # The last value of each would be harmless, so a server that takes it changes nothing.
         ("POST", "/key", b'{"keyId": "other", "keyId": "sym", "usage": "sign"}', "keyId"),
-        ("POST", "/key", b'{"keyId": "sym", "usage": "bogus", "usage": "sign"}', "usage"),
+        ("POST", "/key", b'{"keyId": "sym", "usage": "sign", "usage": "bogus"}', "usage"),
         (
             "POST",
             "/key",
@@ -925,6 +925,12 @@ def test_duplicate_fields_are_422(
 ) -> None:
     """serde's derived structs refuse a repeated field; a last-one-wins parser would act on it."""
     world.reject(method, path, None, 422, prefix=f"duplicate field `{field}`", raw_body=raw)
+
+
+def test_a_bad_value_before_its_repeat_is_reported_first(world: World) -> None:
+    """serde reads each value as it comes: a bad first value fails before the repeat is seen."""
+    raw = b'{"keyId": "sym", "usage": "bogus", "usage": "sign"}'
+    world.reject("POST", "/key", None, 422, prefix='invalid value: string "bogus"', raw_body=raw)
 
 
 @pytest.mark.parametrize(
@@ -1635,7 +1641,9 @@ def test_struct_bodies_as_json_arrays_are_checked_as_serde_checks_them(
     world.reject("POST", path, None, 422, prefix=message, raw_body=raw)
 
 
-def test_a_struct_body_may_be_a_json_array_of_its_fields(world: World) -> None:
+def test_a_struct_body_may_be_a_json_array_of_its_fields_but_not_sign_parameters(
+    world: World,
+) -> None:
     reply = world.send("POST", "/key", None, raw_body=json.dumps(["short", None, "sign"]).encode())
     assert reply.status == 200, reply.body
     base = reply.json()["keyHandle"]
@@ -1646,6 +1654,16 @@ def test_a_struct_body_may_be_a_json_array_of_its_fields(world: World) -> None:
         "algorithm": "HMAC-SHA256",
         "parameters": [b64(b"msg")],
     }
+    # Not the adjacently tagged `parameters`: serde_derive gives an untagged struct variant no
+    # sequence form (and the flattened request buffers it), so only the map form is read.
+    world.reject(
+        "POST",
+        "/sign",
+        sign,
+        422,
+        prefix="invalid type: sequence, expected struct variant Parameters::HmacSha256 at ",
+    )
+    sign["parameters"] = {"message": b64(b"msg")}
     reply = world.send("POST", "/sign", sign)
     assert reply.status == 200, reply.body
     derived = hmac.new(world.key_bytes["short"], b"x", hashlib.sha256).digest()

@@ -294,14 +294,14 @@ def idle_tpmd() -> Iterator[Daemon]:
             "/sign_with_auth_key",
             {"data": 5},
             422,
-            "invalid type: integer `5`, expected a string at line 1 column 11",
+            "invalid type: integer `5`, expected a base64-encoded string at line 1 column 10",
         ),
         (
             "POST",
             "/import_auth_key",
             {"key": "a$=="},
             422,
-            "Invalid symbol 36, offset 1. at line 1 column 15",
+            "Invalid symbol 36, offset 1. at line 1 column 14",
         ),
     ],
 )
