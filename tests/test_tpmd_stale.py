@@ -20,6 +20,7 @@ import pytest
 from tests.daemon import Daemon
 from tests.swtpm import Swtpm, swtpm_available
 from tests.test_tpmd import (
+    AUTH_KEY,
     EK,
     INTERNAL,
     SRK,
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.skipif(not swtpm_available(), reason="swtpm/tpm2-tools 
 
 # TPMA_OBJECT bits, as tpm2_readpublic's `tss` output holds them
 RESTRICTED, DECRYPT, SIGN = 0x10000, 0x20000, 0x40000
+KEYEDHASH, ECC = 0x0008, 0x0023  # TPM_ALG_ID of an object's type
 
 
 @pytest.fixture
@@ -50,13 +52,20 @@ def wait_for_log(daemon: Daemon, text: str, timeout: float = 20.0) -> str:
     return logs
 
 
-def attributes_at(tpm: Swtpm, handle: int) -> int:
-    """The object attributes of the key persisted at `handle`, from its TPM2B_PUBLIC."""
+def public_at(tpm: Swtpm, handle: int) -> bytes:
+    """The TPM2B_PUBLIC of the key persisted at `handle`, as tpm2_readpublic reads it."""
     out = tpm.directory / f"{handle:x}-now.pub"
     tpm.tools("tpm2_readpublic", "-c", hex(handle), "-f", "tss", "-o", str(out))
-    public = out.read_bytes()
+    return out.read_bytes()
+
+
+def attributes_at(tpm: Swtpm, handle: int) -> int:
     # TPM2B_PUBLIC: size (2), type (2), nameAlg (2), objectAttributes (4)
-    return int.from_bytes(public[6:10], "big")
+    return int.from_bytes(public_at(tpm, handle)[6:10], "big")
+
+
+def type_at(tpm: Swtpm, handle: int) -> int:
+    return int.from_bytes(public_at(tpm, handle)[2:4], "big")
 
 
 def persist_signing_key(tpm: Swtpm, handle: int) -> None:
@@ -171,3 +180,28 @@ def test_an_endorsement_password_changed_later_fails_the_import_by_name(
 def persistent(tpm: Swtpm) -> set[int]:
     out = tpm.tools("tpm2_getcap", "handles-persistent").stdout.decode()
     return {int(line.strip("- \n"), 16) for line in out.splitlines() if line.strip()}
+
+
+def test_a_signing_key_at_the_auth_key_handle_is_named_and_replaced_by_the_import(
+    world_dir: Path, tpm: Swtpm
+) -> None:
+    """iotedge #6638's TPM: an object at the auth key handle that tpmd did not put there."""
+    persist_signing_key(tpm, AUTH_KEY)
+    assert type_at(tpm, AUTH_KEY) == ECC
+    daemon = Daemon(world_dir / "d", {"tpmd": tpmd_config(tpm)}).start()
+    try:
+        keys = wait_for_tpm(daemon)
+        stale = f"{AUTH_KEY:#x} holds an ECC key, not an HMAC auth key"
+        assert f"the auth key handle {stale}; the next auth key import replaces it" in (
+            daemon.logs()
+        )
+        assert sign(daemon, b"x") is None
+        assert f"could not sign with auth key: no auth key has been imported ({stale})" in (
+            daemon.logs()
+        )
+        key = b"r" * 32
+        assert import_key(daemon, keys, key) == 200
+        assert sign(daemon, b"x") == expected(key, b"x")
+        assert type_at(tpm, AUTH_KEY) == KEYEDHASH
+    finally:
+        daemon.stop()

@@ -171,6 +171,7 @@ class TpmDevice:
         self._ek: Any = None
         self._srk: Any = None
         self._auth_key: Any = None
+        self._stale_auth_key: str | None = None  # why the object at the auth key handle is unusable
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -220,11 +221,28 @@ class TpmDevice:
         )
         done += ["created and persisted the storage root key"] * created
         handle = self.settings.auth_key_handle
-        self._auth_key = None
+        self._auth_key = self._stale_auth_key = None
         if handle in persistent:
             with self._translated(f"reading the auth key at {handle:#x}"):
-                self._auth_key = esapi.tr_from_tpmpublic(handle)
-        done.append(f"auth key at {handle:#x} {'present' if self._auth_key else 'not imported'}")
+                tr = esapi.tr_from_tpmpublic(handle)
+                public, _, _ = esapi.read_public(tr)
+            kind = int(public.publicArea.type)
+            if kind == int(TPM2_ALG.KEYEDHASH):
+                self._auth_key = tr
+            else:
+                # Left by another program or an older install (iotedge #6638): it cannot HMAC,
+                # so signing fails until an import replaces it, as the original's import does.
+                self._stale_auth_key = (
+                    f"{handle:#x} holds an {str(TPM2_ALG(kind)).upper()} key, not an HMAC auth key"
+                )
+                log.warning(
+                    "tpm: the auth key handle %s; the next auth key import replaces it (if "
+                    "another program needs it, move it: `tpm2_evictcontrol -C o -c %#x`)",
+                    self._stale_auth_key,
+                    handle,
+                )
+        state = "present" if self._auth_key else self._stale_auth_key or "not imported"
+        done.append(f"auth key at {handle:#x}: {state}")
         return "; ".join(done)
 
     def close(self) -> None:
@@ -332,9 +350,8 @@ class TpmDevice:
     def sign_with_auth_key(self, data: bytes) -> bytes:
         esapi = self._context()
         if self._auth_key is None:
-            raise TpmFailure(
-                f"no auth key has been imported (none at {self.settings.auth_key_handle:#x})"
-            )
+            at = self._stale_auth_key or f"none at {self.settings.auth_key_handle:#x}"
+            raise TpmFailure(f"no auth key has been imported ({at})")
         if len(data) > 1024:  # TPM2_HMAC takes one TPM2B_MAX_BUFFER; more needs a sequence
             return self._hmac_sequence(esapi, data)
         with self._translated("signing with the auth key"):
@@ -417,7 +434,7 @@ class TpmDevice:
                 old = old if old is not None else esapi.tr_from_tpmpublic(handle)
             with self._translated(f"evicting the previous auth key at {handle:#x}", "owner"):
                 esapi.evict_control(ESYS_TR.OWNER, old, handle)
-            self._auth_key = None
+            self._auth_key = self._stale_auth_key = None
         with self._translated(f"persisting the auth key at {handle:#x}", "owner"):
             self._auth_key = esapi.evict_control(ESYS_TR.OWNER, loaded, handle)
 
