@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import unicodedata
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
@@ -23,6 +22,8 @@ from aziot.bus.logtext import loggable
 
 from . import http1
 from .body import JsonSyntaxError, ShapeError, parse_json, shape_message
+from .rust_text import rust_debug
+from .serde_replay import Refused, body_type_of, replay
 
 log = logging.getLogger(__name__)
 
@@ -110,26 +111,6 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-_RUST_ESCAPES = {"\0": "\\0", "\t": "\\t", "\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
-# Characters Rust's Debug shows as \u{..}: controls, format, separators, private use, unassigned.
-_RUST_UNPRINTABLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cn", "Cs"})
-
-
-def rust_debug(text: str) -> str:
-    """A string as Rust's `{:?}` shows it: quoted, with quotes, backslashes and unprintables
-    escaped."""
-    out = []
-    for char in text:
-        escaped = _RUST_ESCAPES.get(char)
-        if escaped is not None:
-            out.append(escaped)
-        elif char != " " and unicodedata.category(char) in _RUST_UNPRINTABLE:
-            out.append(f"\\u{{{ord(char):x}}}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'
-
-
 def _parse_as_serde(raw: bytes, handler: Handler | None) -> Any:
     """The body as Python's parser reads it; when that fails, serde's reading of it into the
     handler's body type decides: its error, or what it accepts (JSON Python refuses only where
@@ -137,9 +118,6 @@ def _parse_as_serde(raw: bytes, handler: Handler | None) -> Any:
     try:
         return parse_json(raw)
     except JsonSyntaxError:
-        # imported here: the replay quotes strings with this module's rust_debug
-        from .serde_replay import Refused, body_type_of, replay
-
         verdict = replay(raw, body_type_of(handler))
         if isinstance(verdict, Refused):
             raise JsonSyntaxError(verdict.message) from None
@@ -181,8 +159,6 @@ class ServiceApp:
 
     async def _replay(self, raw: bytes, handler: Handler | None) -> Any:
         """serde's verdict on a body a handler refused (off the loop when large, as parsing)."""
-        from .serde_replay import body_type_of, replay
-
         kind = body_type_of(handler)
         if len(raw) < LARGE_BODY:
             return replay(raw, kind)
@@ -194,8 +170,6 @@ class ServiceApp:
         """A handler refused the body: serde, reading it in one pass, has the last word. Its
         error is the 422; if it accepts (the handler was stricter, as on `{"ECDSA":null}` for
         an algorithm), the handler gets serde's reading of the body instead."""
-        from .serde_replay import Refused
-
         raw = request.raw_body or b""
         verdict = await self._replay(raw, handler)
         if isinstance(verdict, Refused):

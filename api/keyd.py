@@ -9,7 +9,8 @@ from aziot.bus.bus import Bus
 from aziot.bus.protocol import Caller, Client
 
 from .body import Fields, ShapeError
-from .http import HttpError, Request, Response, Route, ServiceApp, route, rust_debug
+from .http import HttpError, Request, Response, Route, ServiceApp, route
+from .rust_text import rust_debug
 from .serde_replay import BASE64, STRING, Field, Opt, Struct, Tagged, Usage, Variant, serde_body
 
 API_VERSIONS = ("2020-09-01", "2021-05-01")

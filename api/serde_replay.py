@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import attrs
 
 from .body import OUT_OF_RANGE, ShapeError, _f64_from_parts, _overflows, decode_b64, rust_float
-from .http import rust_debug
+from .rust_text import rust_debug
 
 # -- the declaration of a body type --------------------------------------------------------------
 

@@ -161,6 +161,8 @@ def test_the_first_bad_field_in_the_body_is_reported() -> None:
         ('"é"', '"é"'),
         ('"a\\nb\\"c\\\\d\\u001f\\t\\r\\u0000"', '"a\\nb\\"c\\\\d\\u{1f}\\t\\r\\0"'),
         ('"\\u00ad"', '"\\u{ad}"'),
+        ('"e\\u0301"', '"e\\u{301}"'),  # a combining mark (Grapheme_Extend) is escaped
+        ('"\\u0bbe"', '"\\u{bbe}"'),  # Other_Grapheme_Extend, though a spacing mark (Mc)
         ("-3", "integer `-3`"),
         ("1.5e3", "floating point `1500.0`"),
     ],
