@@ -51,12 +51,12 @@ _I32_MAX = (1 << 31) - 1
 _POW10 = [float(f"1e{i}") for i in range(309)]
 
 
-def _overflows(value: int, digit: int, limit: int) -> bool:
+def overflows(value: int, digit: int, limit: int) -> bool:
     """serde_json's `overflow!(value * 10 + digit, limit)`."""
     return value >= limit // 10 and (value > limit // 10 or digit > limit % 10)
 
 
-def _f64_from_parts(positive: bool, significand: int, exponent: int) -> float | OutOfRange:
+def f64_from_parts(positive: bool, significand: int, exponent: int) -> float | OutOfRange:
     """serde_json's float assembly (without its `float_roundtrip` feature, as the original
     builds it): the u64 significand times or over one power of ten, not correctly rounded."""
     value = float(significand)
@@ -94,7 +94,7 @@ def serde_number(text: str) -> int | float | OutOfRange:
         at = end
     while at < end and text[at].isdigit():
         digit = ord(text[at]) - 48
-        if _overflows(significand, digit, _U64_MAX):
+        if overflows(significand, digit, _U64_MAX):
             start = at  # the digits past u64 only scale it
             while at < end and text[at].isdigit():
                 at += 1
@@ -112,7 +112,7 @@ def serde_number(text: str) -> int | float | OutOfRange:
         at += 1
         while at < end and text[at].isdigit():
             digit = ord(text[at]) - 48
-            if _overflows(significand, digit, _U64_MAX):
+            if overflows(significand, digit, _U64_MAX):
                 while at < end and text[at].isdigit():
                     at += 1
                 break
@@ -127,7 +127,7 @@ def serde_number(text: str) -> int | float | OutOfRange:
         power = 0
         while at < end:
             digit = ord(text[at]) - 48
-            if power and _overflows(power, digit, _I32_MAX):
+            if power and overflows(power, digit, _I32_MAX):
                 if significand != 0 and positive_exponent:
                     return OUT_OF_RANGE
                 return 0.0 if positive else -0.0
@@ -135,7 +135,7 @@ def serde_number(text: str) -> int | float | OutOfRange:
             at += 1
         exponent = exponent + power if positive_exponent else exponent - power
         exponent = max(-(1 << 31), min(_I32_MAX, exponent))  # Rust's saturating i32 arithmetic
-    return _f64_from_parts(positive, significand, exponent)
+    return f64_from_parts(positive, significand, exponent)
 
 
 def rust_float(value: float) -> str:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from .body import OUT_OF_RANGE, ShapeError, _f64_from_parts, _overflows, decode_b64, rust_float
+from .body import OUT_OF_RANGE, ShapeError, decode_b64, f64_from_parts, overflows, rust_float
 from .rust_text import rust_debug
 
 # -- the declaration of a body type --------------------------------------------------------------
@@ -403,7 +403,7 @@ class _Reader:
         significand = first - _ZERO
         while _ZERO <= (byte := self.peek_or_null()) <= _NINE:
             digit = byte - _ZERO
-            if _overflows(significand, digit, _U64_MAX):
+            if overflows(significand, digit, _U64_MAX):
                 return self.parse_long_integer(positive, significand)
             self.i += 1
             significand = significand * 10 + digit
@@ -442,7 +442,7 @@ class _Reader:
         after = 0
         while _ZERO <= (byte := self.peek_or_null()) <= _NINE:
             digit = byte - _ZERO
-            if _overflows(significand, digit, _U64_MAX):
+            if overflows(significand, digit, _U64_MAX):
                 self.skip_digits()
                 if self.peek_or_null() in b"eE":
                     return self.parse_exponent(positive, significand, before + after)
@@ -474,7 +474,7 @@ class _Reader:
         while _ZERO <= (byte := self.peek_or_null()) <= _NINE:
             self.i += 1
             digit = byte - _ZERO
-            if _overflows(exponent, digit, _I32_MAX):
+            if overflows(exponent, digit, _I32_MAX):
                 if significand != 0 and positive_exponent:
                     raise self.error(NUMBER_OUT_OF_RANGE)
                 self.skip_digits()
@@ -484,7 +484,7 @@ class _Reader:
         return self.f64_from_parts(positive, significand, max(_I32_MIN, min(_I32_MAX, final)))
 
     def f64_from_parts(self, positive: bool, significand: int, exponent: int) -> float:
-        value = _f64_from_parts(positive, significand, exponent)
+        value = f64_from_parts(positive, significand, exponent)
         if value is OUT_OF_RANGE:
             raise self.error(NUMBER_OUT_OF_RANGE)
         assert isinstance(value, float)
