@@ -936,7 +936,7 @@ class Pkcs11Library:
         if not token.flags & TokenFlag.TOKEN_INITIALIZED:
             raise TokenUnavailable(
                 f"the PKCS#11 token found by {searched} (slot {token.slot.slot_id}) "
-                "is not initialized"
+                f"is not initialized; {self._inventory(slots)}"
             )
         return token
 
