@@ -107,6 +107,14 @@ def route(pattern: str, min_version: str | None = None, **handlers: Handler) -> 
     return Route(re.compile(pattern), handlers, min_version)
 
 
+def _large_answer(body: Any) -> bool:
+    """Whether an answer carries a large string: every answer's long values (a key handle,
+    plaintext, a certificate chain) sit at its top level."""
+    if not isinstance(body, dict):
+        return False
+    return sum(len(value) for value in body.values() if isinstance(value, str)) >= LARGE_BODY
+
+
 def encode_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -202,7 +210,14 @@ class ServiceApp:
             )
         if response.status == 204:
             return http1.Response(204)
-        return http1.Response(response.status, encode_json(response.body), JSON)
+        if _large_answer(response.body):
+            # A megabyte handle or plaintext: encoding it would hold the loop as parsing would.
+            encoded = await trio.to_thread.run_sync(
+                encode_json, response.body, limiter=self._parsers
+            )
+        else:
+            encoded = encode_json(response.body)
+        return http1.Response(response.status, encoded, JSON)
 
     @staticmethod
     def _bus_error(error: BusError) -> Response:
