@@ -4,10 +4,20 @@ It follows the original's `IdentityManager` (spec/provisioning.md §10–§12, s
 provisioning before serving (manual from the config, DPS with its `device_info` backup reused
 at start), module identities kept in the hub with keys derived in keyd from the master key
 `aziot_identityd_master_id` (nothing secret is stored), reconciliation of the principals' modules
-with the hub, a backup of each module served when the hub is unreachable. Two differences, both
-where the original's users get stuck: a start with the cloud unreachable and no backup keeps
-trying (the original exits and lets systemd retry), and everything the cloud is asked happens in
-a worker thread so that a slow cloud never holds up the other services of this daemon.
+with the hub, a backup of each module served when the hub is unreachable. Differences, all
+where the original's users get stuck (spec/lessons.md rows 6 and 7):
+
+- a start with the cloud unreachable and no backup keeps trying (the original exits and lets
+  systemd retry);
+- a start whose provisioning settings differ from those `device_info` was written under (the
+  `[provisioning]` of `prev_state`) provisions again, as a reload with such a change does; the
+  original keeps its backup until someone asks for a reprovisioning;
+- a new provisioning happens beside the current device: `device_info`, the module backups and
+  the device served change only once DPS answered (and `device_info` once the hub did too). A
+  failure keeps the old device served and, where a config change asked for it, tries again with
+  backoff; the original deletes its backup first and is left with no device;
+- everything the cloud is asked happens in a worker thread so that a slow cloud never holds up
+  the other services of this daemon.
 """
 
 from __future__ import annotations
@@ -62,7 +72,7 @@ from .messages import (
     Reprovision,
     UpdateModule,
 )
-from .state import DeviceInfo, StateFiles
+from .state import DeviceInfo, StateFiles, provisioning_key
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +200,9 @@ class IdentityActor:
         self._hub_fetched: dict[tuple[DeviceInfo, str], float] = {}  # trio clock
         # True while a reconciliation is owed because the hub could not be reached.
         self._reconcile_owed = False
+        # True while the device served is a backup that the current settings no longer give
+        # (they changed, or the hub refused it) and DPS could not be asked again yet.
+        self._provision_owed = False
         self.ready = ready if ready is not None else trio.Event()
         self._dispatch = dispatcher(Identity, self)
 
@@ -216,32 +229,39 @@ class IdentityActor:
             delay = min(delay * 2, RETRY_MOST)
         self.ready.set()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._retry_reconciliation)
+            nursery.start_soon(self._retry_cloud)
             if self._renewals is not None:
                 nursery.start_soon(self._renew_device_identity)
             if self._watch is not None:
                 nursery.start_soon(self._watch_config)
 
-    async def _retry_reconciliation(self) -> None:
-        """While the hub could not be reached for a reconciliation (at start, after a reload),
-        try again with backoff: modules added to the principals while offline get made once
-        the hub is back, and `device_info` is written then, as after any success."""
+    async def _retry_cloud(self) -> None:
+        """What the cloud still owes, tried again with backoff: a provisioning that could not
+        reach DPS (then its reconciliation), or a reconciliation that could not reach the hub
+        (at start, after a reload). Modules added to the principals while offline get made
+        once the hub is back, and `device_info` is written then, as after any success."""
         delay = RETRY_FIRST
         while True:
             await trio.sleep(delay * (0.9 + 0.2 * random.random()))
-            if not self._reconcile_owed:
+            if not (self._provision_owed or self._reconcile_owed):
                 delay = RETRY_FIRST
                 continue
             async with self._changes:
+                provisioning = self._provision_owed
                 device = self._device
-                if device is None or not self._reconcile_owed:
+                if not provisioning and (device is None or not self._reconcile_owed):
                     continue
                 try:
-                    await self._reconcile(device)
+                    if provisioning:
+                        await self._provision_again()
+                    else:
+                        assert device is not None
+                        await self._reconcile(device)
                 except CloudFailed as error:
                     delay = min(delay * 2, RETRY_MOST)
                     log.warning(
-                        "reconciliation: %s client error (%s); trying again in about %.0f s",
+                        "%s: %s client error (%s); trying again in about %.0f s",
+                        "provisioning" if provisioning else "reconciliation",
                         error.service,
                         error.cause,
                         delay,
@@ -249,9 +269,16 @@ class IdentityActor:
                     continue
                 except BusError as error:
                     delay = min(delay * 2, RETRY_MOST)
-                    log.error("reconciliation failed: %s", error.message)
+                    log.error(
+                        "%s failed: %s",
+                        "provisioning" if provisioning else "reconciliation",
+                        error.message,
+                    )
                     continue
-            log.info("reconciliation done after the hub came back")
+            if provisioning:
+                log.info("provisioned again now that the cloud answers")
+            else:
+                log.info("reconciliation done after the hub came back")
             delay = RETRY_FIRST
 
     async def _renew_device_identity(self) -> None:
@@ -336,12 +363,34 @@ class IdentityActor:
     # -- provisioning --------------------------------------------------------------------
 
     async def _provision_at_start(self) -> None:
+        """The device from the backup if the settings it was provisioned under are still the
+        config's, else from DPS (or the config, for manual); then the reconciliation. A hub
+        that refuses the backup's device sends the device to DPS again (spec §12.1)."""
         async with self._changes:
             source = self.config.provisioning.source
             if source == "none":
                 log.info("provisioning source is none: no device identity")
                 return
-            device = await self._provision(use_backup=True)
+            template = await self._template()
+            backup = None if source == "manual" else await self._backup(template)
+            if source == "manual" or backup is None:
+                device = await self._provision(use_backup=False, template=template)
+            elif await self._settings_changed():
+                log.info(
+                    "the provisioning settings changed since %s was provisioned; "
+                    "provisioning again",
+                    backup.info.device_id,
+                )
+                self._device = backup
+                await self._provision_again_at_start()
+                return
+            else:
+                log.info(
+                    "using the provisioning backup: %s on %s",
+                    backup.info.device_id,
+                    backup.info.hub_name,
+                )
+                device = backup
             self._device = device
             try:
                 await self._reconcile(device)
@@ -352,13 +401,70 @@ class IdentityActor:
                     )
                     self._reconcile_owed = True
                     return
+                if source == "manual":
+                    raise
                 log.warning("the hub refused the device (%s); provisioning again", error.cause)
-                await trio.to_thread.run_sync(self._state.clear_device_info)
-                device = await self._provision(use_backup=False)
-                self._device = device
-                await self._reconcile(device)
+                await self._provision_again_at_start()
 
-    async def _provision(self, *, use_backup: bool) -> Device:
+    async def _provision_again_at_start(self) -> None:
+        """DPS again while `self._device` is the backup's device. Anything failing before DPS
+        answered keeps that device served (with its module backups), to be tried again with
+        backoff; the original gives up here unless the failure was the network's."""
+        try:
+            await self._provision_again()
+        except (CloudFailed, BusError) as error:
+            if self._provision_owed:
+                assert self._device is not None
+                log.warning(
+                    "cannot provision again (%s); serving %s from the backup meanwhile",
+                    error.cause if isinstance(error, CloudFailed) else error.message,
+                    self._device.info.device_id,
+                )
+                return
+            if isinstance(error, CloudFailed) and error.network:
+                log.warning(
+                    "provisioned, but cannot reach the hub (%s); serving offline", error.cause
+                )
+                return
+            raise
+
+    async def _settings_changed(self) -> bool:
+        """Whether the config's provisioning differs from that of the last reconciliation;
+        unknown (no `prev_state`, or one without `[provisioning]`) counts as unchanged, so a
+        backup is never dropped for want of a record."""
+        previous = await trio.to_thread.run_sync(self._state.read_prev_provisioning)
+        if previous is None:
+            return False
+        return provisioning_key(previous) != provisioning_key(self.config.provisioning)
+
+    async def _provision_again(self, *, forget_modules: bool = False) -> None:
+        """Provision afresh (DPS is always asked) beside the current device, which stays served
+        until DPS answered; then the new device is reconciled, and served once the hub answered
+        (or failed to), `device_info` (with `prev_state`) replaced only if it answered.
+        `_provision_owed` is left set if it fails before DPS answered, cleared after.
+        `forget_modules`: the original's reprovision request, whose reconciliation treats
+        every module principal as new."""
+        self._provision_owed = True
+        old = self._device
+        device = await self._provision(use_backup=False)
+        self._provision_owed = False
+        if forget_modules and old is not None:
+            await trio.to_thread.run_sync(self._state.clear_modules, old.info)
+        try:
+            await self._reconcile(device, forget_prev=forget_modules)
+        except CloudFailed as error:
+            if error.network:
+                self._reconcile_owed = True
+            raise
+        finally:
+            # Served from here on, whatever the hub said: DPS gave it. After a successful
+            # reconciliation, `device_info` already names it.
+            self._device = device
+
+    async def _template(self) -> Device:
+        """The device as the config gives it: complete for manual; for DPS, its credentials
+        with no hub or device id yet (an X.509 identity cert certd lacks is issued first, as
+        the original does)."""
         provisioning = self.config.provisioning
         kind = provisioning.kind
         if provisioning.source == "manual":
@@ -366,33 +472,46 @@ class IdentityActor:
             info = DeviceInfo(hub, provisioning.local_gateway_hostname or hub, kind.device_id)
             auth = kind.authentication
             if auth.METHOD == "sas":
-                device = Device(info, "sas", auth.device_id_pk)
-            else:
-                device = Device(info, "x509", auth.identity_pk, auth.identity_cert)
-                subject = x509_subject(kind.device_id, auth.csr_subject)
-                await self._x509_identity(device, subject)
-            log.info("provisioned manually as %s on %s", info.device_id, info.hub_name)
+                return Device(info, "sas", auth.device_id_pk)
+            device = Device(info, "x509", auth.identity_pk, auth.identity_cert)
+            await self._x509_identity(device, x509_subject(kind.device_id, auth.csr_subject))
             return device
         attestation = kind.attestation
         if attestation.METHOD == "symmetric_key":
-            template = Device(DeviceInfo("", "", ""), "sas", attestation.symmetric_key)
-        elif attestation.METHOD == "tpm":
-            template = Device(DeviceInfo("", "", ""), "tpm", None)
-        else:
-            template = Device(
-                DeviceInfo("", "", ""), "x509", attestation.identity_pk, attestation.identity_cert
+            return Device(DeviceInfo("", "", ""), "sas", attestation.symmetric_key)
+        if attestation.METHOD == "tpm":
+            return Device(DeviceInfo("", "", ""), "tpm", None)
+        template = Device(
+            DeviceInfo("", "", ""), "x509", attestation.identity_pk, attestation.identity_cert
+        )
+        subject = attestation.registration_id
+        if subject is not None:
+            await self._x509_identity(template, x509_subject(subject.cn, subject))
+        return template
+
+    async def _backup(self, template: Device) -> Device | None:
+        backup = await trio.to_thread.run_sync(self._state.read_device_info)
+        return None if backup is None else attrs.evolve(template, info=backup)
+
+    async def _provision(self, *, use_backup: bool, template: Device | None = None) -> Device:
+        """The device from the config (manual), the backup (DPS, `use_backup`) or DPS. Nothing
+        is stored or served here: the caller decides what becomes of the result."""
+        if template is None:
+            template = await self._template()
+        if self.config.provisioning.source == "manual":
+            log.info(
+                "provisioned manually as %s on %s", template.info.device_id, template.info.hub_name
             )
-            # Credentials first, as the original: the identity cert issued if certd lacks it.
-            subject = attestation.registration_id
-            if subject is not None:
-                await self._x509_identity(template, x509_subject(subject.cn, subject))
+            return template
         if use_backup:
-            backup = await trio.to_thread.run_sync(self._state.read_device_info)
+            backup = await self._backup(template)
             if backup is not None:
                 log.info(
-                    "using the provisioning backup: %s on %s", backup.device_id, backup.hub_name
+                    "using the provisioning backup: %s on %s",
+                    backup.info.device_id,
+                    backup.info.hub_name,
                 )
-                return attrs.evolve(template, info=backup)
+                return backup
         registration_id = await self._registration_id()
         if template.auth == "tpm":
             keys = await self._tpm_call(Tpm.get_tpm_keys, NOTHING)
@@ -526,12 +645,14 @@ class IdentityActor:
             p.name for p in self.config.principal if p.idtype is not None and "module" in p.idtype
         ]
 
-    async def _reconcile(self, device: Device) -> None:
-        """The principals' module identities made to match the hub (spec §12.3)."""
+    async def _reconcile(self, device: Device, *, forget_prev: bool = False) -> None:
+        """The principals' module identities made to match the hub (spec §12.3). `forget_prev`:
+        as if `device_info` were gone (the original's reprovision request deletes it first), so
+        every module principal is made anew."""
         current = set(self._module_principals())
         backup = await trio.to_thread.run_sync(self._state.read_device_info)
         prev: set[str] = set()
-        if backup == device.info:
+        if backup == device.info and not forget_prev:
             prev = await trio.to_thread.run_sync(self._state.read_prev_modules)
         creds = await self._credentials(device)
         modules = await self._cloud.list_modules(device.info, creds)
@@ -547,9 +668,10 @@ class IdentityActor:
         for name in sorted(current - kept):
             await self._create_hub_module(device, name, creds)
             log.info("reconciliation: created module %s", name)
+        # device_info first: a crash between the two leaves the old settings recorded, so the
+        # next start provisions again rather than trusting a backup made under other settings.
         await trio.to_thread.run_sync(self._state.write_device_info, device.info)
-        principals = [(p.uid, p.name, p.idtype) for p in self.config.principal]
-        await trio.to_thread.run_sync(self._state.write_prev_state, principals)
+        await trio.to_thread.run_sync(self._state.write_prev_state, self.config)
         self._reconcile_owed = False
 
     # -- module identities -------------------------------------------------------------------
@@ -835,24 +957,35 @@ class IdentityActor:
         return NOTHING
 
     async def _reprovision_locked(self) -> None:
-        """Forget the device and its backups, provision again, reconcile (spec §12.2 `Api`).
-        A failure leaves the device forgotten, as in the original."""
-        old = self._device
-        await trio.to_thread.run_sync(self._state.clear_device_info)
-        if old is not None:
-            await trio.to_thread.run_sync(self._state.clear_modules, old.info)
-        self._device = None
+        """Provision again and reconcile, every module principal made anew (spec §12.2 `Api`).
+        The original forgets the device and deletes its backups first, so a failure leaves it
+        with none (400 `device identity not found` until a later success); here they are
+        replaced only once DPS answered, and a failure answers the same error while the old
+        device keeps being served."""
         if self.config.provisioning.source == "none":
+            old = self._device
+            await trio.to_thread.run_sync(self._state.clear_device_info)
+            if old is not None:
+                await trio.to_thread.run_sync(self._state.clear_modules, old.info)
+            self._device = None
+            self._provision_owed = self._reconcile_owed = False
             return
-        device = await self._provision(use_backup=False)
-        self._device = device
-        await self._reconcile(device)
+        owed = self._provision_owed
+        try:
+            await self._provision_again(forget_modules=True)
+        except (CloudFailed, BusError):
+            if self._provision_owed:
+                # A caller asked, sees the failure and may ask again: retried in the
+                # background only if a config change or the hub had asked for it before.
+                self._provision_owed = owed
+            raise
 
     async def reload(self, msg: Reload, caller: Caller) -> Nothing:
         """New settings and principals, then a reconciliation (spec §12.4). Beyond the
         original: a change of where or how the device provisions (hub, device id, DPS endpoint,
-        scope, registration id, attestation) drops the backup and provisions again, where the
-        original kept serving the old device until its backup was deleted by hand."""
+        scope, registration id, attestation) provisions again, where the original kept serving
+        the old device until its backup was deleted by hand; the old device stays served until
+        DPS answered, and a failure is tried again with backoff."""
         if self._load_config is None:
             return NOTHING
         try:
@@ -865,17 +998,23 @@ class IdentityActor:
             self.config = fresh
             self._callers = Callers(fresh.principal)
             self._cloud = cloudcalls.Cloud(fresh, self._faults)
+            changed = provisioning_key(fresh.provisioning) != provisioning_key(old.provisioning)
             try:
-                if fresh.provisioning != old.provisioning:
+                if fresh.provisioning.source == "none":
+                    if old.provisioning.source != "none":
+                        log.info("the provisioning source is now none; forgetting the device")
+                        await self._reprovision_locked()
+                elif changed or self._provision_owed:
                     log.info("the provisioning settings changed; provisioning again")
-                    await self._reprovision_locked()
+                    await self._provision_again()
                 elif self._device is not None:
                     await self._reconcile(self._device)
             except CloudFailed as error:
                 log.warning(
-                    "after the reload: %s client error (%s); running offline",
+                    "after the reload: %s client error (%s); %s",
                     error.service,
                     error.cause,
+                    "trying again later" if self._provision_owed else "running offline",
                 )
                 if error.network:
                     self._reconcile_owed = True

@@ -3,8 +3,11 @@ so a device provisioned by the original keeps its state:
 
 - `device_info`: TOML `hub_name`, `local_gateway_hostname`, `device_id`, or the text
   `unprovisioned`; the DPS result reused at the next start instead of registering again;
-- `prev_state`: the principals of the last successful reconciliation (the original writes its
-  whole settings; only the principals are read back, by it and by us);
+- `prev_state`: the settings of the last successful reconciliation, as the original writes them
+  (TOML of the whole identityd config but `[endpoints]`). Its principals decide which hub modules
+  identityd made; its `[provisioning]` tells whether the settings changed since `device_info`
+  was written, so a start after `aziotctl config apply` provisions again (the original reads
+  only the principals back, and keeps the backup whatever the config says);
 - `modules/<sha256(hub)>-<sha256(device)>/<alnum>-<sha256>`: each module identity as the hub
   last gave it, without keys, served when the hub cannot be reached.
 
@@ -23,9 +26,12 @@ from typing import Any
 
 import attrs
 import tomli
+import tomli_w
 
 from aziot.actors.files import file_name, make_directories, write_atomic
 from aziot.bus.faults import Faults
+from aziot.config import identityd as settings
+from aziot.config.loader import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -114,23 +120,40 @@ class StateFiles:
 
     def read_prev_modules(self) -> set[str]:
         """Names of the module principals of the last successful reconciliation."""
-        try:
-            table = tomli.loads(self.prev_state_path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, tomli.TOMLDecodeError):
-            return set()
+        table = self._read_prev_state()
         names = set()
-        for principal in table.get("principal", []):
+        for principal in (table or {}).get("principal", []):
             if isinstance(principal, dict) and "module" in (principal.get("idtype") or []):
                 names.add(str(principal.get("name")))
         return names
 
-    def write_prev_state(self, principals: list[tuple[int, str, list[str] | None]]) -> None:
-        lines = ["# the principals of identityd's last successful reconciliation\n"]
-        for uid, name, idtype in principals:
-            lines.append(f"\n[[principal]]\nuid = {uid}\nname = {json.dumps(name)}\n")
-            if idtype is not None:
-                lines.append(f"idtype = {json.dumps(idtype)}\n")
-        self._write(self.prev_state_path, "".join(lines))
+    def read_prev_provisioning(self) -> settings.Provisioning | None:
+        """The `[provisioning]` that `device_info` was written under, or None when unknown:
+        no `prev_state`, one without `[provisioning]` (written by an earlier version of this
+        project, which kept only the principals), or one that does not parse."""
+        table = self._read_prev_state()
+        if table is None or not isinstance(table.get("provisioning"), dict):
+            return None
+        # Only the provisioning table is read back: the rest of the original's settings may hold
+        # what this project refuses in a config, and none of it says where the device lives.
+        minimal = {"hostname": "-", "homedir": "/", "provisioning": table["provisioning"]}
+        try:
+            return settings.parse_identityd(minimal, str(self.prev_state_path)).provisioning
+        except ConfigError as error:
+            log.warning("ignoring the provisioning settings in %s: %s", self.prev_state_path, error)
+            return None
+
+    def _read_prev_state(self) -> dict[str, Any] | None:
+        try:
+            return tomli.loads(self.prev_state_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (tomli.TOMLDecodeError, UnicodeDecodeError, OSError) as error:
+            log.warning("ignoring %s: %s", self.prev_state_path, error)
+            return None
+
+    def write_prev_state(self, config: settings.IdentitydConfig) -> None:
+        self._write(self.prev_state_path, tomli_w.dumps(settings_table(config)))
 
     # -- module backups ---------------------------------------------------------------------
 
@@ -176,3 +199,141 @@ class StateFiles:
 
     def clear_modules(self, device: DeviceInfo) -> None:
         shutil.rmtree(self._device_dir(device), ignore_errors=True)
+
+
+# -- what prev_state holds ------------------------------------------------------------------
+
+
+def settings_table(config: settings.IdentitydConfig) -> dict[str, Any]:
+    """The settings as the original serializes them into `prev_state`: defaults of the cloud
+    knobs left out, no `[endpoints]`, an endpoint URL as `url::Url` shows it. The original
+    reads this file back as its own settings, so a device moved back to it keeps its modules."""
+    table: dict[str, Any] = {
+        "hostname": config.hostname,
+        "homedir": str(config.homedir),
+        "prefer_module_identity_cache": config.prefer_module_identity_cache,
+    }
+    if config.max_requests != settings.DEFAULT_MAX_REQUESTS:
+        table["max_requests"] = config.max_requests
+    if config.cloud_timeout_sec != settings.DEFAULT_CLOUD_TIMEOUT_SEC:
+        table["cloud_timeout_sec"] = config.cloud_timeout_sec
+    if config.cloud_retries != settings.DEFAULT_CLOUD_RETRIES:
+        table["cloud_retries"] = config.cloud_retries
+    table["provisioning"] = _provisioning_table(config.provisioning)
+    if config.principal:
+        table["principal"] = [_principal_table(p) for p in config.principal]
+    if config.localid is not None:
+        table["localid"] = {"domain": config.localid.domain}
+    return table
+
+
+def _subject(subject: settings.CsrSubject) -> str | dict[str, str]:
+    return {"CN": subject.cn, **subject.rest} if subject.rest else subject.cn
+
+
+def _provisioning_table(provisioning: settings.Provisioning) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    if provisioning.local_gateway_hostname is not None:
+        table["local_gateway_hostname"] = provisioning.local_gateway_hostname
+    kind = provisioning.kind
+    table["source"] = kind.SOURCE
+    if isinstance(kind, settings.Manual):
+        table["iothub_hostname"] = kind.iothub_hostname
+        table["device_id"] = kind.device_id
+        auth = kind.authentication
+        if isinstance(auth, settings.ManualSas):
+            table["authentication"] = {"method": "sas", "device_id_pk": auth.device_id_pk}
+        else:
+            manual: dict[str, Any] = {
+                "method": "x509",
+                "identity_cert": auth.identity_cert,
+                "identity_pk": auth.identity_pk,
+            }
+            if auth.csr_subject is not None:
+                manual["csr_subject"] = _subject(auth.csr_subject)
+            table["authentication"] = manual
+    elif isinstance(kind, settings.Dps):
+        table["global_endpoint"] = _endpoint(kind.global_endpoint)
+        table["scope_id"] = kind.scope_id
+        attestation = kind.attestation
+        att: dict[str, Any] = {"method": attestation.METHOD}
+        if isinstance(attestation, settings.SymmetricKeyAttestation):
+            att["registration_id"] = attestation.registration_id
+            att["symmetric_key"] = attestation.symmetric_key
+        elif isinstance(attestation, settings.X509Attestation):
+            att["identity_cert"] = attestation.identity_cert
+            att["identity_pk"] = attestation.identity_pk
+            if attestation.registration_id is not None:
+                att["registration_id"] = _subject(attestation.registration_id)
+            renew = attestation.identity_auto_renew
+            if renew is not None:
+                att["identity_auto_renew"] = {
+                    "rotate_key": renew.rotate_key,
+                    "threshold": renew.threshold,
+                    "retry": renew.retry,
+                }
+        else:
+            att["registration_id"] = attestation.registration_id
+        table["attestation"] = att
+        if kind.payload is not None:
+            table["payload"] = {"uri": kind.payload.uri}
+    return table
+
+
+def _principal_table(principal: settings.Principal) -> dict[str, Any]:
+    table: dict[str, Any] = {"uid": principal.uid, "name": principal.name}
+    if principal.idtype is not None:
+        table["idtype"] = list(principal.idtype)
+    if principal.localid is not None:
+        table["localid"] = {
+            "type": principal.localid.type,
+            "attributes": principal.localid.attributes,
+        }
+    return table
+
+
+def _endpoint(url: str) -> str:
+    """As the original's `url::Url` writes it: a bare host gets a `/` path (as
+    `cloudcalls.normalized_endpoint`, which imports this module)."""
+    scheme, sep, rest = url.partition("://")
+    return url + "/" if sep and "/" not in rest else url
+
+
+def provisioning_key(provisioning: settings.Provisioning) -> tuple[Any, ...]:
+    """What decides which device the cloud gives and how it proves who it is: two settings with
+    the same key need no new provisioning. The renewal policy and the CSR's other names are
+    left out (they change how a cert is made, not which device it is for); the payload counts
+    by its URI only (its file's contents are not compared)."""
+    gateway = provisioning.local_gateway_hostname
+    kind = provisioning.kind
+    if isinstance(kind, settings.Manual):
+        auth = kind.authentication
+        ids = (
+            (auth.device_id_pk,)
+            if isinstance(auth, settings.ManualSas)
+            else (auth.identity_cert, auth.identity_pk)
+        )
+        return ("manual", gateway, kind.iothub_hostname, kind.device_id, auth.METHOD, ids)
+    if isinstance(kind, settings.Dps):
+        attestation = kind.attestation
+        registration: str | None
+        if isinstance(attestation, settings.SymmetricKeyAttestation):
+            registration, ids = attestation.registration_id, (attestation.symmetric_key,)
+        elif isinstance(attestation, settings.X509Attestation):
+            subject = attestation.registration_id
+            registration = None if subject is None else subject.cn
+            ids = (attestation.identity_cert, attestation.identity_pk)
+        else:
+            registration, ids = attestation.registration_id, ()
+        payload = None if kind.payload is None else str(kind.payload.path)
+        return (
+            "dps",
+            gateway,
+            _endpoint(kind.global_endpoint),
+            kind.scope_id,
+            attestation.METHOD,
+            registration,
+            ids,
+            payload,
+        )
+    return ("none", gateway)
