@@ -14,7 +14,9 @@ and has no `NO_PROXY` (http-common's `get_proxy_uri` and `Intercept::All`); so d
 from __future__ import annotations
 
 import base64
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,7 +95,7 @@ def header_value(head: str, name: str) -> str | None:
 
 
 def start_sas_device(
-    world_dir: Path, cloud: Cloud, closed_port: int, env: dict[str, str]
+    world_dir: Path, cloud: Cloud, closed_port: int, env: dict[str, str], wait: bool = True
 ) -> Daemon:
     enrollment = cloud.dps.add_symmetric_enrollment("sas-dev")
     key_file = write_device_key(world_dir / "secrets", enrollment.primary_key)
@@ -106,7 +108,8 @@ registration_id = "sas-dev"
 symmetric_key = "device-key"
 """
     identityd = identityd_config(cloud, closed_port, attestation)
-    return Daemon(world_dir / "d", {"keyd": keyd, "identityd": identityd}, env=env).start()
+    services = {"keyd": keyd, "identityd": identityd}
+    return Daemon(world_dir / "d", services, env=env).start(wait=wait)
 
 
 def test_dps_x509_and_the_hub_through_the_proxy_keep_the_client_cert(
@@ -240,3 +243,33 @@ def test_a_proxy_password_is_masked_where_the_url_is_shown() -> None:
     assert "secret" not in raised.value.message
     assert "'gopher://me:******@proxy:1'" in raised.value.message
     assert "https_proxy" in raised.value.message
+
+
+def test_a_proxy_that_cannot_be_reached_is_named_in_the_log(
+    world_dir: Path, cloud: Cloud, closed_port: int
+) -> None:
+    """identityd serves only once provisioned; until then the log says why, naming the proxy
+    (password masked) and not only the DPS address it could not reach."""
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        proxy_url = f"http://op:hidden@127.0.0.1:{dead.getsockname()[1]}"
+        env = proxied_env(cloud, HTTPS_PROXY=proxy_url)
+        daemon = start_sas_device(world_dir, cloud, closed_port, env, wait=False)
+        try:
+            masked = proxy_url.replace("hidden", "******")
+            failed = (
+                f"provisioning failed (DPS client: cannot connect to https://127.0.0.1:"
+                f"{closed_port}/"
+            )
+            deadline = time.monotonic() + 20
+            while failed not in (logs := daemon.logs()):
+                assert time.monotonic() < deadline, logs
+                time.sleep(0.1)
+            line = logs[logs.index(failed) :].splitlines()[0]
+            assert f"through the proxy {masked}: " in line, line
+            assert "hidden" not in logs
+            assert not cloud.requests
+        finally:
+            # SIGKILL: aziotd does not yet stop on SIGTERM while identityd has never been
+            # provisioned (supervisor/main.py waits for its readiness); reported.
+            daemon.stop(signal.SIGKILL)
