@@ -119,6 +119,30 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+_SLICE = 16 << 10  # characters of a long string escaped per json.dumps call
+
+
+def encode_large_json(body: dict[str, Any]) -> bytes:
+    """`encode_json(body)`, with each long top-level string escaped a slice at a time.
+
+    One json.dumps over megabytes is one C call that holds the GIL throughout, in a worker
+    thread as much as on the loop; between slices the loop's thread gets its turn. JSON escapes
+    each character alone, and a Python string has no surrogate pairs to cut, so the slices'
+    texts join into the whole's."""
+    members = []
+    for name, value in body.items():
+        if isinstance(value, str) and len(value) > _SLICE:
+            text = "".join(
+                json.dumps(value[at : at + _SLICE], ensure_ascii=False)[1:-1]
+                for at in range(0, len(value), _SLICE)
+            )
+            encoded = f'"{text}"'
+        else:
+            encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        members.append(json.dumps(name, ensure_ascii=False) + ":" + encoded)
+    return ("{" + ",".join(members) + "}").encode("utf-8")
+
+
 def _parse_as_serde(raw: bytes, handler: Handler | None) -> Any:
     """The body as Python's parser reads it; when that fails, serde's reading of it into the
     handler's body type decides: its error, or what it accepts (JSON Python refuses only where
@@ -213,7 +237,7 @@ class ServiceApp:
         if _large_answer(response.body):
             # A megabyte handle or plaintext: encoding it would hold the loop as parsing would.
             encoded = await trio.to_thread.run_sync(
-                encode_json, response.body, limiter=self._parsers
+                encode_large_json, response.body, limiter=self._parsers
             )
         else:
             encoded = encode_json(response.body)

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from aziot.api.head_parser import HeadError, HeadTooLarge, parse_head
-from aziot.api.http import Request, Response, ServiceApp, route
+from aziot.api.http import Request, Response, ServiceApp, encode_json, encode_large_json, route
 from aziot.api.server import _PEERCRED, UnixServer, bind_unix, peer_credentials
 
 BIG = 3 * 1024 * 1024  # well past a Unix socket's send buffer
@@ -326,3 +326,13 @@ async def test_the_framework_rules_apply_in_the_originals_order(
     got, head, payload = await read_response(stream, bytearray())
     assert (got, json.loads(payload)) == (status, {"message": message}), head
     assert b"content-type: application/json\r\n" in head
+
+
+@pytest.mark.parametrize("size", [5, 16 << 10, (16 << 10) + 1, 100_003])
+def test_a_large_answer_encoded_in_slices_is_the_same_json(size: int) -> None:
+    """Every character JSON escapes, at every offset of the slices' seams."""
+    pattern = 'ab"\\\n\x00\x1f\u00e9\u2028\U0001f600 /'
+    text = (pattern * (size // len(pattern) + 1))[:size]
+    body = {"keyHandle": text, "n": 5, 'é"': "short", "list": [1, "a"]}
+    assert encode_large_json(body) == encode_json(body)
+    assert json.loads(encode_large_json(body)) == body
