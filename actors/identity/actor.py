@@ -401,9 +401,11 @@ class IdentityActor:
                     )
                     self._reconcile_owed = True
                     return
-                if source == "manual":
-                    raise
                 log.warning("the hub refused the device (%s); provisioning again", error.cause)
+                if source == "manual":
+                    # The config is all there is to provision from: once more, as the original.
+                    await self._reconcile(device)
+                    return
                 await self._provision_again_at_start()
 
     async def _provision_again_at_start(self) -> None:
