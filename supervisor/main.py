@@ -209,9 +209,27 @@ async def run_daemon(
                 task_status.started()
 
             async def serve_when_ready(service: Service) -> None:
+                """Serve once the service is ready; a stop ends the wait (identityd offline
+                with no backup may never be ready, and must not hold up the stop)."""
                 assert service.ready is not None
-                await service.ready()
-                await serve(service)
+                ready = service.ready
+                became_ready = False
+                async with trio.open_nursery() as waiting:
+
+                    async def wait_ready() -> None:
+                        nonlocal became_ready
+                        await ready()
+                        became_ready = True
+                        waiting.cancel_scope.cancel()
+
+                    async def wait_shutdown() -> None:
+                        await shutdown.wait()
+                        waiting.cancel_scope.cancel()
+
+                    waiting.start_soon(wait_ready)
+                    waiting.start_soon(wait_shutdown)
+                if became_ready and not shutdown.is_set():
+                    await serve(service)
 
             for service in services:
                 if service.ready is None:
