@@ -1,9 +1,11 @@
 """JSON request bodies on the hot path: Python's parser with serde_json's number rules, and
 typed access for handlers.
 
-Errors read like serde_json's (``missing field `keyId` at line 1 column 16``), but these are
-approximations (the position of a shape error is the body's end): whenever they fail, the
-service's 422 text comes from `serde_replay`, which reads the body as the original does.
+No text here reaches a client as the original's would. `parse_json` only has to be right about
+which bodies Python reads as serde would: it raises a plain `JsonSyntaxError` for any other, and a
+handler's `Fields` raise `ShapeError` (serde's wording, no position) for a shape it refuses. Either
+sends the body to `serde_replay`, which reads it as the original does and gives the 422's text.
+The number helpers (`serde_number`, `f64_from_parts`, ...) are shared with that replay.
 """
 
 from __future__ import annotations
@@ -12,23 +14,9 @@ import binascii
 import decimal
 import json
 import re
-from functools import partial
 from typing import Any
 
 from aziot.actors.b64 import NonCanonical, decode_strict
-
-_PY_JSON_ERROR = re.compile(r"^(?P<what>.*?): line (?P<line>\d+) column (?P<col>\d+)")
-_SERDE_WORDING = {
-    "Expecting value": "expected value",
-    "Extra data": "trailing characters",
-    "Expecting property name enclosed in double quotes": "key must be a string",
-    "Expecting ':' delimiter": "expected `:`",
-    "Expecting ',' delimiter": "expected `,` or `}`",
-    "Unterminated string starting at": "EOF while parsing a string",
-    "Invalid control character at": (
-        "control character (\\u0000-\\u001F) found while parsing a string"
-    ),
-}
 
 
 class OutOfRange:
@@ -159,161 +147,46 @@ def _has_out_of_range(value: Any) -> bool:
 
 
 class ShapeError(Exception):
-    """The body is JSON but not the shape the route wants (serde's error, before its position)."""
+    """The body is JSON but not the shape the handler wants (serde's wording, no position)."""
 
 
 class JsonSyntaxError(ShapeError):
-    """The body is not JSON; the message already says where."""
-
-
-def _end_position(text: str) -> str:
-    stripped = text.rstrip()
-    lines = stripped.split("\n")
-    return f"line {len(lines)} column {len(lines[-1])}"
+    """Python's reading of the body may not be serde_json's: `serde_replay` must decide."""
 
 
 def parse_json(raw: bytes) -> Any:
-    """Parse `raw` or raise JsonSyntaxError carrying serde's wording and position."""
+    """The body as Python's parser reads it, numbers as serde reads them; JsonSyntaxError for
+    anything serde might read otherwise (bad JSON or UTF-8, NaN, repeated keys, lone surrogates,
+    depth past serde's limit). Its text is Python's, for logs: the client's comes from the replay.
+    """
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise JsonSyntaxError(
-            f"invalid unicode code point at line 1 column {error.start + 1}"
-        ) from None
-    if not text.strip():
-        lines = text.split("\n")
-        raise JsonSyntaxError(
-            f"EOF while parsing a value at line {len(lines)} column {len(lines[-1])}"
-        )
-    try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=partial(_no_constant, text),
-            parse_int=serde_number,
-            parse_float=serde_number,
-        )
-    except JsonSyntaxError:
-        raise
-    except RecursionError:
-        # serde_json stops at depth 128; Python would only fail much deeper, and with a crash.
-        raise JsonSyntaxError(f"recursion limit exceeded at {_end_position(text)}") from None
-    except ShapeError as error:
-        raise JsonSyntaxError(f"{error} at {_end_position(text)}") from None
-    except json.JSONDecodeError as error:
-        malformed = _malformed_number(text, error.pos)
-        if malformed is not None:
-            raise JsonSyntaxError(malformed) from None
-        if error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string"):
-            # serde says what it was inside when the input ran out, at the input's end.
-            lines = text.split("\n")
-            raise JsonSyntaxError(
-                f"EOF while parsing {_inside_at_eof(text, error.msg)} "
-                f"at line {len(lines)} column {len(lines[-1])}"
-            ) from None
-        match = _PY_JSON_ERROR.match(str(error))
-        what = match["what"] if match else error.msg
-        wording = next((v for k, v in _SERDE_WORDING.items() if what.startswith(k)), what)
-        raise JsonSyntaxError(f"{wording} at line {error.lineno} column {error.colno}") from None
+        value = _DECODER.decode(text)
+    except (ValueError, RecursionError) as error:
+        # ValueError: bad UTF-8 or bad JSON. RecursionError: far deeper than serde's limit.
+        raise JsonSyntaxError(str(error) or type(error).__name__) from None
     if _LONE_SURROGATE.search(text) and _has_surrogate(value):
-        raise JsonSyntaxError(f"lone leading surrogate in hex escape at {_end_position(text)}")
+        raise JsonSyntaxError("lone surrogate in a \\u escape")
     # Depth is at most the number of brackets: most bodies need no walk at all.
     if text.count("{") + text.count("[") > 127 and _depth_over(value, 127):
-        raise JsonSyntaxError(f"recursion limit exceeded at {_end_position(text)}")
+        raise JsonSyntaxError("deeper than serde's recursion limit of 128")
     return value
 
 
 _LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-_DIGITS = frozenset("0123456789")
-_NUMBER_CHARS = frozenset("0123456789+-.eE")
+def _integer(text: str) -> int | float | OutOfRange:
+    """`serde_number` for a JSON integer, without its walk where the answer is plain: at most
+    19 digits always fit u64, and 18 with a `-` fit i64 (but serde reads `-0` as a float)."""
+    if len(text) < 20 and text != "-0":
+        return int(text)
+    return serde_number(text)
 
 
-def _malformed_number(text: str, stop: int) -> str | None:
-    """serde_json's error for a number Python's scanner stopped in or after (`01`, `-x`, `1.`,
-    `1e+`), following its parse_integer / parse_decimal / parse_exponent: `invalid number` at
-    the byte it peeked or just consumed, or EOF while parsing a value; None when the number
-    there is well formed (the error is about what follows it)."""
-    start = stop
-    while start > 0 and text[start - 1] in _NUMBER_CHARS:
-        start -= 1
-    if start >= len(text) or not (text[start] == "-" or text[start] in _DIGITS):
-        return None
-    end = len(text)
-
-    def at(index: int, what: str = "invalid number") -> str:
-        line_start = text.rfind("\n", 0, index) + 1
-        line = text.count("\n", 0, line_start) + 1
-        return f"{what} at line {line} column {index - line_start}"
-
-    i = start + (text[start] == "-")
-    if i == end:
-        return at(end, "EOF while parsing a value")
-    first = text[i]
-    i += 1  # consumed, as serde's next_char does
-    if first not in _DIGITS:
-        return at(i)
-    if first == "0":
-        if i < end and text[i] in _DIGITS:
-            return at(min(end, i + 1))  # peeked
-    else:
-        while i < end and text[i] in _DIGITS:
-            i += 1
-    if i < end and text[i] == ".":
-        i += 1
-        fraction = i
-        while i < end and text[i] in _DIGITS:
-            i += 1
-        if i == fraction:
-            return at(min(end, i + 1), "invalid number" if i < end else "EOF while parsing a value")
-    if i < end and text[i] in "eE":
-        i += 1
-        if i < end and text[i] in "+-":
-            i += 1
-        if i == end:
-            return at(end, "EOF while parsing a value")
-        i += 1  # consumed
-        if text[i - 1] not in _DIGITS:
-            return at(i)
-    return None
-
-
-def _inside_at_eof(text: str, python_message: str) -> str:
-    """What serde_json was parsing when `text` ended: a string, a value (after `:` or `,`),
-    else the innermost list or object (right after its bracket, or after a value or key)."""
-    if python_message.startswith("Unterminated string"):
-        return "a string"
-    last = text.rstrip()[-1]
-    if last in ",:":
-        return "a value"
-    open_containers = []
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            open_containers.append(char)
-        elif char in "]}" and open_containers:
-            open_containers.pop()
-    if not open_containers:
-        return "a value"
-    return "a list" if open_containers[-1] == "[" else "an object"
-
-
-def _no_constant(text: str, name: str) -> Any:
+def _no_constant(name: str) -> Any:
     """NaN and Infinity are not JSON; serde_json refuses them."""
-    before = text[: max(text.find(name), 0)]
-    line = before.count("\n") + 1
-    column = len(before) - (before.rfind("\n") + 1) + 1
-    raise JsonSyntaxError(f"expected value at line {line} column {column}")
+    raise JsonSyntaxError(f"{name} is not JSON")
 
 
 def _has_surrogate(value: Any) -> bool:
@@ -342,12 +215,21 @@ def _depth_over(value: Any, limit: int) -> bool:
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """serde's derived structs refuse a repeated field; silently keeping one would let the two
     implementations act on different values of the same request."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ShapeError(f"duplicate field `{key}`")
-        result[key] = value
+    result = dict(pairs)  # in C: a Python loop over the pairs costs every request
+    if len(result) != len(pairs):
+        raise JsonSyntaxError("repeated key")
     return result
+
+
+# One decoder, as `json.loads` keeps one for its defaults: building one per body (what passing
+# hooks to `json.loads` does) took a third of a small body's parse. It holds no state between
+# calls, so threads parsing large bodies share it safely.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates,
+    parse_constant=_no_constant,
+    parse_int=_integer,
+    parse_float=serde_number,
+)
 
 
 def describe(value: Any) -> str:
@@ -467,7 +349,9 @@ def decode_b64(text: str) -> bytes:
         raise ShapeError("Invalid padding") from None
 
 
-def shape_message(error: ShapeError, raw: bytes) -> str:
-    if isinstance(error, JsonSyntaxError):
-        return str(error)
-    return f"{error} at {_end_position(raw.decode('utf-8', 'replace'))}"
+def at_body_end(error: ShapeError, raw: bytes) -> str:
+    """A handler's refusal placed at the body's end, as serde places a struct's missing field:
+    the 422's text only when serde accepts a body its handler refuses (a route whose `@serde_body`
+    declaration is out of step with its handler), so no better position is known."""
+    lines = raw.decode("utf-8", "replace").rstrip().split("\n")
+    return f"{error} at line {len(lines)} column {len(lines[-1])}"

@@ -21,7 +21,7 @@ from aziot.bus.errors import BusError, ErrorKind
 from aziot.bus.logtext import loggable
 
 from . import http1
-from .body import JsonSyntaxError, ShapeError, parse_json, shape_message
+from .body import JsonSyntaxError, ShapeError, at_body_end, parse_json
 from .rust_text import rust_debug
 from .serde_replay import Refused, body_type_of, replay
 
@@ -144,15 +144,16 @@ def encode_large_json(body: dict[str, Any]) -> bytes:
 
 
 def _parse_as_serde(raw: bytes, handler: Handler | None) -> Any:
-    """The body as Python's parser reads it; when that fails, serde's reading of it into the
-    handler's body type decides: its error, or what it accepts (JSON Python refuses only where
-    serde skips it: deep, repeated or unchecked in values of unknown fields)."""
+    """The body as Python's parser reads it; when that may not be serde's reading, serde's
+    reading of it into the handler's body type decides: its error is the 422, or what it
+    accepts is the body (JSON Python refuses only where serde skips it: deep, repeated or
+    unchecked in values of unknown fields)."""
     try:
         return parse_json(raw)
     except JsonSyntaxError:
         verdict = replay(raw, body_type_of(handler))
         if isinstance(verdict, Refused):
-            raise JsonSyntaxError(verdict.message) from None
+            raise HttpError(422, verdict.message) from None
         return verdict.value
 
 
@@ -210,7 +211,7 @@ class ServiceApp:
             return await handler(attrs.evolve(request, parsed_body=verdict.value))
         except ShapeError as again:
             log.warning("%s: serde accepts a body its handler refuses: %s", self.name, again)
-            raise HttpError(422, shape_message(error, raw)) from None
+            raise HttpError(422, at_body_end(error, raw)) from None
 
     async def __call__(self, incoming: http1.Request) -> http1.Response:
         try:

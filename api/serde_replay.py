@@ -1,11 +1,14 @@
 """serde_json's one-pass reading of a request body into the original's request struct, replayed.
 
-The hot path parses with Python's `json` and lets the handler check the fields. Only when that
-fails (or a handler refuses a field) is the body read again here, the way the original reads it:
-serde_json 1.0.149's `Deserializer` over the raw bytes (`de.rs`, `read.rs`) driving serde 1.0.228's
-derived visitors, fed by a declaration of the route's body type. The result is serde's verdict:
-its error text with its position (the reader's byte index when it gave up, columns counted in
-bytes), or acceptance with the value serde would have built, in the shape handlers read.
+The hot path parses with Python's `json` (`body.parse_json`) and lets the handler check the
+fields (`body.Fields`); neither computes a client's error text. When the parser refuses a body
+(anything serde might read otherwise) or a handler refuses a field, the body is read again here,
+the way the original reads it: serde_json 1.0.149's `Deserializer` over the raw bytes (`de.rs`,
+`read.rs`) driving serde 1.0.228's derived visitors, fed by a declaration of the route's body type
+(`@serde_body`). The result is serde's verdict, which decides every 422: its error text with its
+position (the reader's byte index when it gave up, columns counted in bytes), or acceptance with
+the value serde would have built, in the shape handlers read. Number assembly and base64 decoding
+are `body`'s, shared.
 
 What follows serde_json, and why it matters here:
 - errors come in body order (one pass), not in the order a handler reads fields;

@@ -1,5 +1,5 @@
-"""JSON bodies cut short: serde_json says what it was parsing when the input ran out, and
-where: at the input's end (the count of bytes on its last line)."""
+"""Request bodies: the hot path's parse refuses what serde might read otherwise, and
+serde_replay, which then decides the 422, reads a body as serde_json does."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from aziot.api.body import JsonSyntaxError, parse_json
+from aziot.api.body import OUT_OF_RANGE, JsonSyntaxError, parse_json
 from aziot.api.serde_replay import (
     BASE64,
     IGNORED_ANY,
@@ -23,59 +23,6 @@ from aziot.api.serde_replay import (
     Variant,
     replay,
 )
-
-
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [
-        (b"{", "EOF while parsing an object at line 1 column 1"),
-        (b"[", "EOF while parsing a list at line 1 column 1"),
-        (b'{"keyId"', "EOF while parsing an object at line 1 column 8"),
-        (b'{"keyId":', "EOF while parsing a value at line 1 column 9"),
-        (b'{"keyId":"a",', "EOF while parsing a value at line 1 column 13"),
-        (b'{"keyId":"a"', "EOF while parsing an object at line 1 column 12"),
-        (b'{"keyId":"ab', "EOF while parsing a string at line 1 column 12"),
-        (b"[1,", "EOF while parsing a value at line 1 column 3"),
-        (b"[1", "EOF while parsing a list at line 1 column 2"),
-        (b'{"a":[1,{"b":"x]"', "EOF while parsing an object at line 1 column 17"),
-        (b"{ \n", "EOF while parsing an object at line 2 column 0"),
-        (b"", "EOF while parsing a value at line 1 column 0"),
-    ],
-)
-def test_a_body_cut_short_is_named_as_serde_names_it(raw: bytes, message: str) -> None:
-    with pytest.raises(JsonSyntaxError) as caught:
-        parse_json(raw)
-    assert str(caught.value) == message
-
-
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [
-        # a second leading zero: at the digit serde peeked
-        (b'{"keyId":01}', "invalid number at line 1 column 11"),
-        (b'{"keyId":-01}', "invalid number at line 1 column 12"),
-        # no digit after '-', '.', or the exponent: at the byte serde consumed or peeked
-        (b'{"keyId":-x}', "invalid number at line 1 column 11"),
-        (b'{"keyId":1.x}', "invalid number at line 1 column 12"),
-        (b'{"keyId":1ex}', "invalid number at line 1 column 12"),
-        (b'{"keyId":1e+x}', "invalid number at line 1 column 13"),
-        (b"[1,2,3.]", "invalid number at line 1 column 8"),
-        (b"01", "invalid number at line 1 column 2"),
-        # the input ends inside the number
-        (b'{"keyId":-', "EOF while parsing a value at line 1 column 10"),
-        (b'{"keyId":1.', "EOF while parsing a value at line 1 column 11"),
-        (b'{"keyId":1e+', "EOF while parsing a value at line 1 column 12"),
-        # a well-formed number followed by junk is about what follows it
-        (b'{"keyId":1x}', "expected `,` or `}` at line 1 column 11"),
-        (b'{"keyId":+1}', "expected value at line 1 column 10"),
-    ],
-)
-def test_malformed_numbers_are_named_as_serde_names_them(raw: bytes, message: str) -> None:
-    """Positions as serde_json's parse_integer / parse_decimal / parse_exponent give them."""
-    with pytest.raises(JsonSyntaxError) as caught:
-        parse_json(raw)
-    assert str(caught.value) == message
-
 
 # -- serde_replay: serde_json's one-pass reading of a body into the route's request struct ----
 
@@ -99,6 +46,74 @@ def accepted(raw: bytes, kind: object = IMPORT_CERT) -> object:
     verdict = replay(raw, kind)
     assert isinstance(verdict, Accepted), verdict
     return verdict.value
+
+
+KEY_ID = Struct("Request", (Field("keyId", STRING),))
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "message"),
+    [
+        (b"{", KEY_ID, "EOF while parsing an object at line 1 column 1"),
+        (b"[", KEY_ID, "EOF while parsing a list at line 1 column 1"),
+        (b'{"keyId"', KEY_ID, "EOF while parsing an object at line 1 column 8"),
+        (b'{"keyId":', KEY_ID, "EOF while parsing a value at line 1 column 9"),
+        (b'{"keyId":"a",', KEY_ID, "EOF while parsing a value at line 1 column 13"),
+        (b'{"keyId":"a"', KEY_ID, "EOF while parsing an object at line 1 column 12"),
+        (b'{"keyId":"ab', KEY_ID, "EOF while parsing a string at line 1 column 12"),
+        (b"[1,", IGNORED_ANY, "EOF while parsing a value at line 1 column 3"),
+        (b"[1", IGNORED_ANY, "EOF while parsing a list at line 1 column 2"),
+        (b'{"a":[1,{"b":"x]"', KEY_ID, "EOF while parsing an object at line 1 column 17"),
+        (b"{ \n", KEY_ID, "EOF while parsing an object at line 2 column 0"),
+        (b"", KEY_ID, "EOF while parsing a value at line 1 column 0"),
+        # ignore_value, unlike a map's next key, is still inside the object after a comma
+        (b'{"keyId":"a",', IGNORED_ANY, "EOF while parsing an object at line 1 column 13"),
+    ],
+)
+def test_a_body_cut_short_is_named_as_serde_names_it(
+    raw: bytes, kind: object, message: str
+) -> None:
+    """What serde was parsing when the input ran out, at the input's end (bytes on its line)."""
+    with pytest.raises(JsonSyntaxError):
+        parse_json(raw)
+    assert refused(raw, kind) == message
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "message"),
+    [
+        # a second leading zero: at the digit serde peeked
+        (b'{"keyId":01}', KEY_ID, "invalid number at line 1 column 11"),
+        (b'{"keyId":-01}', KEY_ID, "invalid number at line 1 column 12"),
+        # no digit after '-', '.', or the exponent: at the byte serde consumed or peeked
+        (b'{"keyId":-x}', KEY_ID, "invalid number at line 1 column 11"),
+        (b'{"keyId":1.x}', KEY_ID, "invalid number at line 1 column 12"),
+        (b'{"keyId":1ex}', KEY_ID, "invalid number at line 1 column 12"),
+        (b'{"keyId":1e+x}', KEY_ID, "invalid number at line 1 column 13"),
+        (b"[1,2,3.]", IGNORED_ANY, "invalid number at line 1 column 8"),
+        (b"01", KEY_ID, "invalid number at line 1 column 2"),
+        # the input ends inside a number serde must read
+        (b'{"keyId":-', KEY_ID, "EOF while parsing a value at line 1 column 10"),
+        (b'{"keyId":1.', KEY_ID, "EOF while parsing a value at line 1 column 11"),
+        (b'{"keyId":1e+', KEY_ID, "EOF while parsing a value at line 1 column 12"),
+        # a well-formed number followed by junk is about what follows it
+        (b'{"keyId":1x}', IGNORED_ANY, "expected `,` or `}` at line 1 column 11"),
+        (b'{"keyId":+1}', KEY_ID, "expected value at line 1 column 10"),
+        # a number where a string is wanted is read whole first, then refused after it
+        (
+            b'{"keyId":1x}',
+            KEY_ID,
+            "invalid type: integer `1`, expected a string at line 1 column 10",
+        ),
+    ],
+)
+def test_malformed_numbers_are_named_as_serde_names_them(
+    raw: bytes, kind: object, message: str
+) -> None:
+    """Positions as serde_json's parse_integer / parse_decimal / parse_exponent give them."""
+    with pytest.raises(JsonSyntaxError):
+        parse_json(raw)
+    assert refused(raw, kind) == message
 
 
 @pytest.mark.parametrize(
@@ -301,3 +316,54 @@ def test_visitor_errors_are_placed_after_the_string() -> None:
     assert refused(b'{"data":"a" , "usage":"sign"}', kind) == "Invalid padding at line 1 column 11"
     text = 'invalid value: string "sig\\n", expected KeyUsage at line 1 column 31'
     assert refused(b'{"data":"","usage":"sign,sig\\n"}', kind) == text
+
+
+# -- parse_json: the hot path's reading, or a refusal that sends the body to the replay --------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("9999999999999999999", 9999999999999999999),  # 19 digits always fit u64
+        ("18446744073709551615", (1 << 64) - 1),
+        ("18446744073709551616", 18446744073709551616.0),  # past u64: an f64
+        ("-999999999999999999", -999999999999999999),
+        ("-9223372036854775808", -(1 << 63)),
+        ("-9223372036854775809", -9223372036854775809.0),  # below i64::MIN: an f64
+        ("-0", -0.0),  # serde reads a negative zero as a float
+        ("0", 0),
+        ("1e400", OUT_OF_RANGE),
+    ],
+)
+def test_numbers_are_read_as_serde_reads_them(text: str, value: object) -> None:
+    parsed = parse_json(f'{{"a":[{text}]}}'.encode())["a"][0]
+    assert repr(parsed) == repr(value)  # the type too, and the sign of a zero
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a":1,"a":1}',
+        b'[{"b":{"a":1,"a":2}}]',
+        b'{"a":NaN}',
+        b"[-Infinity]",
+        b'["\\ud800"]',
+        b'{"\\udc00":1}',
+        b"[" * 128 + b"]" * 128,
+        b"[" * 100000 + b"]" * 100000,
+        b'{"a":"\xff"}',
+        b"\xef\xbb\xbf{}",
+        b" ",
+    ],
+)
+def test_what_serde_might_read_otherwise_is_left_to_the_replay(raw: bytes) -> None:
+    with pytest.raises(JsonSyntaxError):
+        parse_json(raw)
+
+
+def test_what_both_read_alike_is_parsed() -> None:
+    assert parse_json(b' {"a":["\\ud800\\udc00"],"b":{"a":1}}\n') == {
+        "a": ["\U00010000"],
+        "b": {"a": 1},
+    }
+    assert parse_json(b"[" * 127 + b"]" * 127) is not None
