@@ -5,7 +5,8 @@ makes one from a typed protocol), and optionally `async background()`, run besid
 for as long as it runs. While it runs, the bus hands each request to its endpoint,
 and the caller's task runs the handler on the decoded message, bounded by `max_in_flight` slots
 and the request's deadline. Requests that arrive while it is (re)starting wait in its bounded
-mailbox and are served from there once it runs. A handler's `BusError` goes back to the caller
+mailbox and are served from there once it runs; so do those sent after it crashed and
+before its task unwound, for the next incarnation. A handler's `BusError` goes back to the caller
 as is; any other exception becomes `internal` for that caller only. `InjectedCrash` kills the
 actor: every request it is serving gets `unavailable`, and the supervisor decides whether to
 start it again.
@@ -164,6 +165,13 @@ async def serve_actor(
                 message = codec.decode(encoded)
                 if message["deadline"] <= trio.current_time():
                     continue  # its caller stopped waiting while it sat in the mailbox
+                if endpoint.stopped:
+                    # Crashed, not yet unwound: leave it to the next incarnation, and take
+                    # nothing more (`watch` ends this one as soon as it runs).
+                    if not bus.requeue(name, encoded):
+                        bus.reply(codec.encode({"id": message["id"], **_unavailable(name)}))
+                    await endpoint.crashed.wait()
+                    continue
                 nursery.start_soon(serve_queued, message)
             nursery.cancel_scope.cancel()
     except* ActorCrashed as group:

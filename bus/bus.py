@@ -27,6 +27,8 @@ DEFAULT_CAPACITY = 64
 
 
 class Endpoint(Protocol):
+    stopped: bool  # crashed or stopping: what arrives now waits for the restart instead
+
     async def call(self, encoded: bytes) -> dict[str, Any] | None: ...
 
 
@@ -98,7 +100,7 @@ class Bus:
             }
         )
         endpoint = self._endpoints.get(to)
-        if endpoint is not None:
+        if endpoint is not None and not endpoint.stopped:
             reply = await endpoint.call(envelope)
             return self._result(reply, to, op, timeout)
         pending = self._pending[request_id] = _Pending(to)
@@ -120,6 +122,18 @@ class Bus:
         if error is not None:
             raise BusError.from_wire(error)
         return reply.get("ok")
+
+    def requeue(self, name: str, encoded: bytes) -> bool:
+        """Put a request back in `name`'s mailbox for its next incarnation (one that a crashing
+        actor took out but never started); False when the mailbox is full or closed."""
+        mailbox = self._mailboxes.get(name)
+        if mailbox is None:
+            return False
+        try:
+            mailbox.send_nowait(encoded)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
 
     def reply(self, encoded: bytes) -> None:
         """Deliver an encoded reply; one whose caller already gave up is dropped."""

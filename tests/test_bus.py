@@ -208,3 +208,34 @@ async def test_a_request_from_the_mailbox_gets_unavailable_when_the_actor_crashe
                 while not results:
                     await trio.sleep(0.01)
     assert results == [ErrorKind.UNAVAILABLE]
+
+
+async def test_a_request_right_after_a_crash_waits_for_the_restarted_actor() -> None:
+    """Until the crashed actor's task has unwound, its endpoint is still on the bus; a request
+    sent then must wait in the mailbox for the next incarnation, not be served by the dying one
+    and answered `unavailable` (the second of two back-to-back requests after a crash)."""
+    bus = Bus()
+    echo = Echo()
+    inbox = bus.open_mailbox("echo")
+    gone = trio.Event()
+
+    async def first_incarnation(task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await serve_actor(bus, "echo", echo, inbox, Faults(), task_status=task_status)
+        except ActorCrashed:
+            gone.set()
+
+    async def restart_then_release(nursery: trio.Nursery) -> None:
+        await gone.wait()
+        await nursery.start(serve_actor, bus, "echo", echo, inbox, Faults())
+        echo.release.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first_incarnation)
+            nursery.start_soon(restart_then_release, nursery)
+            with pytest.raises(BusError) as caught:
+                await bus.request("echo", "crash")  # no checkpoint: the actor has not unwound
+            assert caught.value.kind is ErrorKind.UNAVAILABLE
+            assert await bus.request("echo", "wait", timeout=5) == "released"
+            nursery.cancel_scope.cancel()
