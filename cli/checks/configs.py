@@ -74,8 +74,8 @@ def _well_formed(service: str) -> Callable[[Context, dict[str, Any]], Outcome]:
 
 
 def _previous_identityd(path: Path) -> Any:
-    """The original keeps its last identityd settings here; optional (ours keeps principals
-    only, which is not a full config, so it is simply not used)."""
+    """The last identityd settings provisioned with, as the original and ours keep them
+    (an older file of ours held principals only and does not parse: then None)."""
     try:
         return parse_identityd(read_toml(path), str(path))
     except (OSError, ConfigError):
