@@ -500,7 +500,8 @@ def test_https_proxy_tunnels_tls_with_the_client_cert(
     from tests.connect_proxy import ConnectProxy
 
     with ConnectProxy() as proxy:
-        env = {"HTTPS_PROXY": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+        # As the original: HTTPS_PROXY wins over https_proxy, and NO_PROXY is not read.
+        env = {"HTTPS_PROXY": proxy.url, "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "*"}
         daemon, _ = start_x509(world_dir, cert_server, env=env)
         try:
             reply, _ = enroll(daemon)

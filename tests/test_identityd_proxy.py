@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from aziot.actors.identity.cloud import PROXY_VARIABLES, CloudError, proxy_from_env
+from aziot.actors.identity.cloud import CloudError, proxy_from_env
+from aziot.actors.proxy import PROXY_VARIABLES
 from mockcloud.cloud import Cloud
 from tests.connect_proxy import ConnectProxy
 from tests.daemon import Daemon, ServiceDir, keyd_config

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -112,6 +113,8 @@ class EstClient:
         """The enrolled cert(s) followed by the CA certs, each in the order the server sent."""
         import httpx  # here: it costs ~70 ms at start, and only EST needs it
 
+        from aziot.actors import proxy  # imports httpx too
+
         base = request.url if request.url.endswith("/") else request.url + "/"
         headers = {}
         auth = None
@@ -123,8 +126,17 @@ class EstClient:
             "content-type": "application/pkcs10",
             "content-transfer-encoding": "base64",
         }
+        try:
+            proxy_url = proxy.proxy_from_env(os.environ)
+        except proxy.UnusableProxy as error:
+            raise EstError(f"EST {operation}: {error}") from None
+        through = None if proxy_url is None else proxy.httpx_proxy(proxy_url, request.context)
         with httpx.Client(
-            verify=request.context, trust_env=True, timeout=REQUEST_TIMEOUT, auth=auth
+            verify=request.context,
+            proxy=through,
+            trust_env=False,  # the proxy as the original reads it, not httpx's rules
+            timeout=REQUEST_TIMEOUT,
+            auth=auth,
         ) as client:
             enrolled = self._certs(
                 client, "POST", base + operation, body, headers, f"EST {operation}"

@@ -33,12 +33,7 @@ No headers are sent beyond Host, Content-Length, `Content-Type: application/json
 and the caller's (no User-Agent, Accept or Accept-Encoding; no cookies kept; no redirects
 followed).
 
-The proxy is the original's (http-common `get_proxy_uri`): `HTTPS_PROXY`, else `https_proxy`,
-for every call (no `NO_PROXY`, and `HTTP_PROXY` / `ALL_PROXY` do not count: the cloud is HTTPS);
-credentials in its URL become Basic proxy authorization; an `https://` proxy is reached with the
-same TLS settings as the cloud, client certificate included, as the original does. httpx's own
-environment handling (`trust_env`) is off: it would honour `NO_PROXY`, prefer `https_proxy` to
-`HTTPS_PROXY` and read `~/.netrc`, none of which the original does.
+The proxy is the original's, as `aziot.actors.proxy` reads it.
 """
 
 from __future__ import annotations
@@ -57,6 +52,9 @@ from typing import Any
 
 import attrs
 import httpx
+
+from aziot.actors import proxy
+from aziot.actors.proxy import masked
 
 log = logging.getLogger(__name__)
 
@@ -158,44 +156,13 @@ def retry_after(value: str | None, now: float) -> float | None:
     return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER)
 
 
-# Where the proxy for cloud calls is read from, first set (non-empty) first.
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy")
-PROXY_SCHEMES = ("http", "https")
-
-
-def masked(url: str) -> str:
-    """`url` with the password in its user info shown as `******` (as the original logs it)."""
-    scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    user, colon, _password = userinfo.partition(":")
-    if not (sep and at and colon):
-        return url
-    return f"{scheme}://{user}:******@{host}{slash}{path}"
-
-
 def proxy_from_env(environ: Mapping[str, str]) -> str | None:
-    """The proxy URL cloud calls go through, or None. An empty variable counts as unset (the
-    original would refuse to start). A value that cannot be used is a `CloudError` naming the
-    variable and the value (password masked): the original refuses to start identityd on one."""
-    for name in PROXY_VARIABLES:
-        value = environ.get(name, "").strip()
-        if not value:
-            continue
-        problem = None
-        try:
-            url = httpx.URL(value)
-        except httpx.InvalidURL as error:
-            problem = str(error)
-        else:
-            if url.scheme not in PROXY_SCHEMES:
-                problem = "a proxy URL starts with http:// or https://"
-            elif not url.host:
-                problem = "it names no host"
-        if problem is not None:
-            raise CloudError(f"{name}={masked(value)!r} is not a usable proxy URL: {problem}")
-        return value
-    return None
+    """`proxy.proxy_from_env`, its refusal a `CloudError` (the original refuses to start
+    identityd on an unusable proxy)."""
+    try:
+        return proxy.proxy_from_env(environ)
+    except proxy.UnusableProxy as error:
+        raise CloudError(str(error)) from None
 
 
 class _Timeout(Exception):
@@ -234,14 +201,13 @@ class CloudClient:
         no_cookies = http.cookiejar.CookieJar(
             policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
         )
-        proxy = None
+        through = None
         if self.proxy is not None:
             log.debug("cloud calls go through the HTTPS proxy %s", masked(self.proxy))
-            tls_to_proxy = context if self.proxy.lower().startswith("https:") else None
-            proxy = httpx.Proxy(self.proxy, ssl_context=tls_to_proxy)
+            through = proxy.httpx_proxy(self.proxy, context)
         self._http = httpx.Client(
             verify=context,
-            proxy=proxy,
+            proxy=through,
             trust_env=False,
             follow_redirects=False,
             cookies=no_cookies,
