@@ -220,8 +220,6 @@ class ServiceApp:
             response = Response(error.status, {"message": error.message})
         except BusError as error:
             response = self._bus_error(error)
-        except ShapeError as error:
-            response = Response(422, {"message": str(error)})
         if response.status >= 500 or response.status in (401, 408, 413):
             log.warning(
                 "%s %s %s uid=%d pid=%d -> %d %s",
