@@ -18,6 +18,8 @@ from typing import Any
 
 from aziot.actors.b64 import NonCanonical, decode_strict
 
+from .rust_text import rust_debug
+
 
 class OutOfRange:
     """A number serde_json cannot hold (an f64 overflow): an error only where a field is read.
@@ -233,6 +235,7 @@ _DECODER = json.JSONDecoder(
 
 
 def describe(value: Any) -> str:
+    """serde's `Unexpected` for a value, as serde_json's errors print it."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -242,7 +245,7 @@ def describe(value: Any) -> str:
     if isinstance(value, float):
         return f"floating point `{rust_float(value)}`"
     if isinstance(value, str):
-        return f"string {json.dumps(value)}"
+        return f"string {rust_debug(value)}"
     if isinstance(value, list):
         return "sequence"
     return "map"

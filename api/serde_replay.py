@@ -29,7 +29,14 @@ from typing import Any, TypeVar
 
 import attrs
 
-from .body import OUT_OF_RANGE, ShapeError, decode_b64, f64_from_parts, overflows, rust_float
+from .body import (
+    OUT_OF_RANGE,
+    ShapeError,
+    decode_b64,
+    describe,
+    f64_from_parts,
+    overflows,
+)
 from .rust_text import rust_debug
 
 # -- the declaration of a body type --------------------------------------------------------------
@@ -206,23 +213,6 @@ class _Map:
 
     def __init__(self, pairs: list[tuple[str, Any]]) -> None:
         self.pairs = pairs
-
-
-def _unexpected(value: Any) -> str:
-    """serde's `Unexpected` for a buffered value, as serde_json's errors print it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean `{str(value).lower()}`"
-    if isinstance(value, int):
-        return f"integer `{value}`"
-    if isinstance(value, float):
-        return f"floating point `{rust_float(value)}`"
-    if isinstance(value, str):
-        return f"string {rust_debug(value)}"
-    if isinstance(value, list):
-        return "sequence"
-    return "map"
 
 
 def _invalid_type(unexpected: str, expecting: str) -> _Fail:
@@ -738,10 +728,10 @@ class _Reader:
             self.ident(b"alse")
             unexpected = "boolean `false`"
         elif peek == _MINUS or _ZERO <= peek <= _NINE:
-            unexpected = _unexpected(self.parse_any_number())
+            unexpected = describe(self.parse_any_number())
         elif peek == _QUOTE:
             self.i += 1
-            unexpected = _unexpected(self.parse_str())
+            unexpected = describe(self.parse_str())
         elif peek == _OPEN_SEQ:
             unexpected = "sequence"
         elif peek == _OPEN_MAP:
@@ -961,7 +951,7 @@ def _variant(kind: Tagged, tag: Any) -> Variant:
             raise _Fail("invalid value: map, expected map with a single key")
         (tag, value), *_ = tag.pairs
     elif not isinstance(tag, str):
-        raise _invalid_type(_unexpected(tag), "string or map")
+        raise _invalid_type(describe(tag), "string or map")
     for variant in kind.variants:
         if variant.name == tag:
             break
@@ -969,7 +959,7 @@ def _variant(kind: Tagged, tag: Any) -> Variant:
         names = tuple(v.name for v in kind.variants)
         raise _Fail(f"unknown variant `{tag}`, expected {_one_of(names)}")
     if value is not None and not (isinstance(value, _Map) and not value.pairs):
-        raise _invalid_type(_unexpected(value), "unit")
+        raise _invalid_type(describe(value), "unit")
     return variant
 
 
@@ -979,11 +969,11 @@ def _variant_content(kind: Tagged, variant: Variant, content: Any) -> dict[str, 
     result: dict[str, Any] = {kind.tag: variant.name}
     if variant.fields is None:
         if content is not None:
-            raise _invalid_type(_unexpected(content), f"unit variant {kind.name}::{variant.ident}")
+            raise _invalid_type(describe(content), f"unit variant {kind.name}::{variant.ident}")
         return result
     expecting = f"struct variant {kind.name}::{variant.ident}"
     if not isinstance(content, _Map):
-        raise _invalid_type(_unexpected(content), expecting)
+        raise _invalid_type(describe(content), expecting)
     fields = {field.name: field for field in variant.fields}
     values: dict[str, Any] = {}
     for key, value in content.pairs:
@@ -1003,7 +993,7 @@ def _variant_content(kind: Tagged, variant: Variant, content: Any) -> dict[str, 
 def _from_content(kind: Any, value: Any) -> Any:
     if isinstance(kind, Str | Base64 | Usage):
         if not isinstance(value, str):
-            raise _invalid_type(_unexpected(value), kind.expecting)
+            raise _invalid_type(describe(value), kind.expecting)
         _visit_str(kind, value)
         return value
     raise TypeError(f"not a variant field type: {kind!r}")
