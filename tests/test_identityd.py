@@ -13,13 +13,17 @@ import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from mockcloud import sas as mock_sas
 from mockcloud.cloud import Cloud
-from tests.daemon import Daemon, ServiceDir, keyd_config
+from tests.daemon import Daemon, ServiceDir, Snippet, keyd_config
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 VERSION = "2022-08-01"
 MODULE_UID = 4242
@@ -366,11 +370,10 @@ def make_ca(directory: Path) -> tuple[Path, Path, object]:
     return cert_path, key_path, cert
 
 
-def test_dps_x509_with_an_identity_cert_issued_through_certd(world_dir: Path, cloud: Cloud) -> None:
-    from cryptography import x509
-
+def local_ca_issuing(world_dir: Path) -> tuple[x509.Certificate, Snippet, Snippet]:
+    """A local CA whose key keyd holds and from which certd issues `device-id`: the CA cert,
+    and keyd's and certd's config snippets."""
     ca_pem, ca_key, ca_cert = make_ca(world_dir / "ca")
-    cloud.dps.add_x509_group("x509-group", ca_cert)
 
     def keyd(service: ServiceDir) -> str:
         return keyd_config(service) + f'[preloaded_keys]\nlocal-ca = "file://{ca_key}"\n'
@@ -383,6 +386,15 @@ device-id = {{ method = "local_ca" }}
 [preloaded_certs]
 local-ca = "file://{ca_pem}"
 """
+
+    return ca_cert, keyd, certd
+
+
+def test_dps_x509_with_an_identity_cert_issued_through_certd(world_dir: Path, cloud: Cloud) -> None:
+    from cryptography import x509
+
+    ca_cert, keyd, certd = local_ca_issuing(world_dir)
+    cloud.dps.add_x509_group("x509-group", ca_cert)
 
     def identityd(service: ServiceDir) -> str:
         return f"""hostname = "x509-dev"

@@ -27,7 +27,7 @@ from aziot.actors.proxy import PROXY_VARIABLES
 from mockcloud.cloud import Cloud
 from tests.connect_proxy import ConnectProxy
 from tests.daemon import Daemon, ServiceDir, keyd_config
-from tests.test_identityd import MODULE_PRINCIPAL, get, make_ca, write_device_key
+from tests.test_identityd import MODULE_PRINCIPAL, get, local_ca_issuing, write_device_key
 
 HUB_HOST = "hub.proxied.test"  # .test names never resolve (RFC 6761): only the proxy knows it
 
@@ -116,20 +116,8 @@ symmetric_key = "device-key"
 def test_dps_x509_and_the_hub_through_the_proxy_keep_the_client_cert(
     world_dir: Path, cloud: Cloud, proxy: ConnectProxy, closed_port: int
 ) -> None:
-    ca_pem, ca_key, ca_cert = make_ca(world_dir / "ca")
+    ca_cert, keyd, certd = local_ca_issuing(world_dir)
     cloud.dps.add_x509_group("proxied-group", ca_cert)
-
-    def keyd(service: ServiceDir) -> str:
-        return keyd_config(service) + f'[preloaded_keys]\nlocal-ca = "file://{ca_key}"\n'
-
-    def certd(service: ServiceDir) -> str:
-        return f"""homedir_path = "{service.home}"
-[cert_issuance]
-local_ca = {{ cert = "local-ca", pk = "local-ca" }}
-device-id = {{ method = "local_ca" }}
-[preloaded_certs]
-local-ca = "file://{ca_pem}"
-"""
 
     attestation = """method = "x509"
 identity_cert = "device-id"
