@@ -145,7 +145,15 @@ def start_keyd(root: Path, command_prefix: list[str] | None = None) -> Keyd:
     if command_prefix is not None:
         keyd.command = [*command_prefix, *keyd.command]
     (keyd.config_dir / "50-callers.toml").write_text(PRINCIPALS)
-    keyd.start()
+    try:
+        keyd.start()
+    except Exception:
+        if keyd.process is not None:
+            keyd.stop(signal.SIGKILL)
+        raise
+    # bound by aziotd itself (no systemd): its own user and group, mode 0660
+    status = os.stat(keyd.socket)
+    assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (0, 0, 0o660)
     os.chown(keyd.socket, 0, CALLER)  # mode 0660: the callers' group may connect
     return keyd
 
