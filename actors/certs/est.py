@@ -6,6 +6,10 @@ Wire format (spec/provisioning.md §15.2): the CSR as base64 DER in 64-character
 answers must be 200 `application/pkcs7-mime` holding a certs-only PKCS#7, as PEM or base64 DER.
 The result is the enrolled cert(s) followed by the CA certs.
 
+Basic auth is sent with the first request of each operation, never only after a 401 challenge,
+as the original does; a 401 is final (retrying the same credentials cannot change the answer),
+and its error says which credentials were refused and what the server asked for.
+
 Where the original fails at once, this client waits out a `202` + `Retry-After` (RFC 7030
 §4.2.3) within a bound, and every other surprise (a status, a content type, PEM where base64
 was due, a body that is an HTML error page, a cert for another key, a chain whose CA is not the
@@ -116,16 +120,17 @@ class EstClient:
         from aziot.actors import proxy  # imports httpx too
 
         base = request.url if request.url.endswith("/") else request.url + "/"
-        headers = {}
-        auth = None
-        if request.username is not None and request.password is not None:
-            auth = httpx.BasicAuth(request.username, request.password)
         operation = "simplereenroll" if request.reenroll else "simpleenroll"
         body = wrapped_base64(request.csr_der)
+        common: dict[str, str] = {}
+        if request.username is not None and request.password is not None:
+            common["authorization"] = basic_authorization(request.username, request.password)
         headers = {
+            **common,
             "content-type": "application/pkcs10",
             "content-transfer-encoding": "base64",
         }
+        user = request.username if "authorization" in common else None
         try:
             proxy_url = proxy.proxy_from_env(os.environ)
         except proxy.UnusableProxy as error:
@@ -136,12 +141,13 @@ class EstClient:
             proxy=through,
             trust_env=False,  # the proxy as the original reads it, not httpx's rules
             timeout=REQUEST_TIMEOUT,
-            auth=auth,
         ) as client:
             enrolled = self._certs(
-                client, "POST", base + operation, body, headers, f"EST {operation}"
+                client, "POST", base + operation, body, headers, f"EST {operation}", user
             )
-            ca_certs = self._certs(client, "GET", base + "cacerts", None, {}, "EST cacerts")
+            ca_certs = self._certs(
+                client, "GET", base + "cacerts", None, common, "EST cacerts", user
+            )
         csr = x509.load_der_x509_csr(request.csr_der)
         check_enrolled(enrolled, ca_certs, csr.public_key(), base)
         return enrolled + ca_certs
@@ -154,6 +160,7 @@ class EstClient:
         body: bytes | None,
         headers: dict[str, str],
         what: str,
+        user: str | None,
     ) -> list[x509.Certificate]:
         waited = 0.0
         while True:
@@ -171,6 +178,8 @@ class EstClient:
             self._sleep(delay)
             waited += delay
         content_type = response.headers.get("content-type", "")
+        if response.status_code == 401:
+            raise refused(what, url, response, user)
         if response.status_code != 200:
             raise EstError(
                 f"{what}: {url} answered {response.status_code} {response.reason_phrase} "
@@ -213,6 +222,28 @@ class EstClient:
             ) from None
         except httpx.HTTPError as error:
             raise EstError(f"{what}: {url}: {type(error).__name__}: {error}") from None
+
+
+def basic_authorization(username: str, password: str) -> str:
+    """The `Authorization` value for basic auth: base64 of `username:password` in UTF-8."""
+    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
+def refused(what: str, url: str, response: httpx.Response, user: str | None) -> EstError:
+    """The error for a 401: which credentials were offered and what the server asks for, so an
+    operator can tell a wrong password from a missing one (never the password itself)."""
+    if user is not None:
+        offered = f"basic auth as user {user!r}, sent with the request"
+    else:
+        offered = "no username/password is configured; only a TLS client cert, if any, was offered"
+    challenge = response.headers.get("www-authenticate")
+    asked = f"it asks for {challenge!r}" if challenge else "it sent no WWW-Authenticate challenge"
+    return EstError(
+        f"{what}: {url} answered 401 Unauthorized: the credentials were refused ({offered}); "
+        f"{asked}: {_shown(response.content)}",
+        401,
+    )
 
 
 def retry_after(value: str | None) -> float | None:
