@@ -8,7 +8,9 @@ after the new cert. Two deliberate differences, both about certs that verifiers 
 - a random positive 128-bit serial number, where the original leaves it 0 (every cert of a
   device then has the same issuer and serial, which breaks revocation and some verifiers);
 - notBefore dated back by a margin (default 5 minutes): a device or peer whose clock is a little
-  behind would otherwise find a fresh cert "not yet valid" (lessons.md row 14).
+  behind would otherwise find a fresh cert "not yet valid" (lessons.md row 14); but never before
+  the issuer's own notBefore, so a CA made a moment ago issues chains valid from its first
+  second. An issuer dated in the future gets leaves dated now, as the original dates them all.
 
 These functions are synchronous: they run in a worker thread, where the issuer key's `sign()`
 calls back to the trio loop for the Keys Service.
