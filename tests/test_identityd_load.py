@@ -157,6 +157,31 @@ def test_a_throttling_hub_is_not_hammered_and_backups_answer(world_dir: Path, cl
         daemon.stop()
 
 
+def test_a_throttle_without_a_wait_still_leaves_the_hub_alone_a_while(
+    world_dir: Path, cloud: Cloud
+) -> None:
+    """`Retry-After: 0` must not turn every read into a 429 (a loop against the hub): module
+    reads still wait `HUB_FRESH` s before they ask again."""
+    device = "zero-dev"
+    names = {FIRST_UID + i: f"zero{i}" for i in range(3)}
+    daemon, _ = start_manual(world_dir, cloud, device, module_principals(names))
+    try:
+        cloud.hub.misbehave("throttle", seconds=0)
+        cloud.hub.clear_requests()
+        results = poll_all(daemon, names, HUB_FRESH - 1.5)
+        for uid, seen in results.items():
+            assert len(seen) >= 3 and all(a == (200, names[uid]) for a in seen), (uid, seen[:3])
+        assert all(r.status == 429 for r in cloud.hub.requests)
+        assert all(count == 1 for count in module_gets(cloud, device).values())
+        cloud.hub.behave()
+        time.sleep(2.0)  # past HUB_FRESH since the 429s: each module asks the hub once more
+        assert poll_all(daemon, names, 1.0)
+        assert sorted(module_gets(cloud, device).values()) == [2, 2, 2]
+        assert [r.status for r in cloud.hub.requests][-3:] == [200, 200, 200]
+    finally:
+        daemon.stop()
+
+
 def count_reloads(daemon: Daemon) -> int:
     return daemon.logs().count(RELOADED)
 
