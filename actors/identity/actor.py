@@ -48,7 +48,6 @@ from aziot.actors.keys.messages import (
     LoadKeyPair,
     Sign,
 )
-from aziot.actors.remote_key import client_context
 from aziot.actors.remote_private_key import keys_private_op, public_key_of, remote_private_key
 from aziot.actors.texts import INTERNAL_ERROR, invalid_parameter
 from aziot.actors.tpm.protocol import ImportAuthKey, SignWithAuthKey, Tpm
@@ -58,9 +57,8 @@ from aziot.bus.protocol import NOTHING, Caller, Client, Nothing, dispatcher
 
 from . import cloudcalls, local, renewal
 from .callers import Callers
-from .cloud import THROTTLE_BACKOFF, CloudClient, CloudError, CloudResponse, retry_after
+from .cloud import THROTTLE_BACKOFF
 from .cloudcalls import CloudFailed
-from .hub import HubClient
 from .messages import (
     CreateModule,
     DeleteModule,
@@ -84,33 +82,6 @@ HUB_FRESH = 5.0  # seconds a module the hub gave is served from its backup witho
 CONFIG_POLL = 2.0  # seconds between looks at the config files' modification times
 CONFIG_SETTLE = 2.0  # seconds a change must hold still before it is read (the original: 10)
 RETRY_FIRST, RETRY_MOST = 5.0, 300.0  # seconds between provisioning attempts at start
-
-
-class HubThrottled(Exception):
-    """The hub answered 429; `seconds`: its Retry-After, None when it gave none."""
-
-    def __init__(self, seconds: float | None) -> None:
-        super().__init__(f"429 Too Many Requests (Retry-After: {seconds})")
-        self.seconds = seconds
-
-
-class NoThrottleWait(CloudClient):
-    """A client that reports a 429 at once instead of sleeping it off (a minute at least):
-    a module read has a backup to answer from, or a caller better told now than held."""
-
-    def _attempt(
-        self,
-        method: str,
-        url: str,
-        content: bytes | None,
-        headers: dict[str, str],
-        timeout: float,
-        read_body: bool,
-    ) -> CloudResponse:
-        response = super()._attempt(method, url, content, headers, timeout, read_body)
-        if response.status == 429:
-            raise HubThrottled(retry_after(response.headers.get("retry-after"), self.now()))
-        return response
 
 
 def quiet_seconds(asked: float | None) -> float:
@@ -830,30 +801,34 @@ class IdentityActor:
             if module is None:
                 try:
                     creds = await self._credentials(device)
-                    module = await self._hub_module(device, module_id, creds)
+                    module = await self._cloud.get_module(
+                        device.info, module_id, creds, wait_throttled=False
+                    )
                     await trio.to_thread.run_sync(self._state.write_module, device.info, module)
                     self._hub_fetched[(device.info, module_id)] = trio.current_time()
-                except HubThrottled as throttled:
-                    quiet = quiet_seconds(throttled.seconds)
-                    self._hub_quiet_until[device.info] = trio.current_time() + quiet
-                    log.warning(
-                        "module %s: the hub throttled this device (Retry-After: %s); module "
-                        "reads answer from their backups for %.0f s",
-                        module_id,
-                        throttled.seconds,
-                        quiet,
-                    )
-                    if cached is None:
-                        raise CloudFailed("Hub", throttled_cause(quiet), False, 429) from None
-                    module = cached
                 except CloudFailed as error:
-                    if cached is None:
+                    if error.throttled:
+                        quiet = quiet_seconds(error.retry_after)
+                        self._hub_quiet_until[device.info] = trio.current_time() + quiet
+                        log.warning(
+                            "module %s: the hub throttled this device (Retry-After: %s); module "
+                            "reads answer from their backups for %.0f s",
+                            module_id,
+                            error.retry_after,
+                            quiet,
+                        )
+                        if cached is None:
+                            raise CloudFailed("Hub", throttled_cause(quiet), False, 429) from None
+                    elif cached is None:
                         if error.status == 404:
                             raise CloudFailed(
                                 "Hub", f"module {module_id} not found", False, 404
                             ) from None
                         raise
-                    log.warning("module %s: the hub failed; answering from its backup", module_id)
+                    else:
+                        log.warning(
+                            "module %s: the hub failed; answering from its backup", module_id
+                        )
                     module = cached
         if not lock.locked() and lock.statistics().tasks_waiting == 0:
             self._module_locks.pop(module_id, None)
@@ -865,32 +840,6 @@ class IdentityActor:
         data = f"{module['moduleId']}:{generation}:primary".encode()
         derived = await self._keys.call(Keys.create_derived_key, CreateDerivedKey(master, data))
         return self._module_identity(device, module, derived.handle)
-
-    async def _hub_module(
-        self, device: Device, module_id: str, creds: cloudcalls.Credentials
-    ) -> dict[str, Any]:
-        """`cloudcalls.Cloud.get_module` but through `NoThrottleWait`: a 429 is `HubThrottled`."""
-        config = self.config
-
-        def read() -> dict[str, Any]:
-            context = client_context(creds.chain, creds.private_op, ())
-            with NoThrottleWait(context) as client:
-                hub = HubClient(
-                    client,
-                    iothub_hostname=device.info.hub_name,
-                    device_id=device.info.device_id,
-                    sign=creds.sign,
-                    local_gateway_hostname=device.info.local_gateway_hostname,
-                    timeout=config.cloud_timeout_sec,
-                    retries=config.cloud_retries,
-                )
-                return hub.get_module(module_id).to_json()
-
-        await self._faults.hit("identity.cloud")
-        try:
-            return await trio.to_thread.run_sync(read)
-        except CloudError as error:
-            raise CloudFailed("Hub", error.message, error.network, error.status) from None
 
     # -- the API -----------------------------------------------------------------------------
 

@@ -77,7 +77,9 @@ class CloudError(Exception):
     `status`: the HTTP status of the answer, if there was one. `network`: the failure is the
     network's (no connection, a timeout, or a Hub/gateway saying so): identityd may carry on
     offline. `code`: the service's numeric error code (DPS `errorCode`), when sent.
-    `throttled`: gave up after the 5th 429. `url`: the request's URL, for logs."""
+    `throttled`: gave up after a 429 (the 5th, or the first for a client that does not wait
+    them out), `retry_after` its Retry-After in seconds if it gave one. `url`: the request's
+    URL, for logs."""
 
     def __init__(
         self,
@@ -87,6 +89,7 @@ class CloudError(Exception):
         network: bool = False,
         code: int | None = None,
         throttled: bool = False,
+        retry_after: float | None = None,
         url: str | None = None,
     ) -> None:
         super().__init__(message)
@@ -95,6 +98,7 @@ class CloudError(Exception):
         self.network = network
         self.code = code
         self.throttled = throttled
+        self.retry_after = retry_after
         self.url = url
 
     def __repr__(self) -> str:
@@ -178,7 +182,9 @@ class CloudClient:
     (monotonic: attempt deadlines) and `now` (seconds since the epoch: SAS token expiry) are
     injectable for tests; `transport` replaces httpx's (tests only, and then no proxy is
     used). `environ`: where the proxy is read from (`proxy_from_env`), `os.environ` by default.
-    A proxy URL that cannot be used raises `CloudError`."""
+    A proxy URL that cannot be used raises `CloudError`. `wait_throttled=False`: a 429 is a
+    `CloudError` at once (`throttled`, with its `retry_after`) instead of a minute's sleep, for
+    a caller that has something better to do (a module read with a backup)."""
 
     def __init__(
         self,
@@ -190,7 +196,9 @@ class CloudClient:
         now: Callable[[], float] = time.time,
         transport: httpx.BaseTransport | None = None,
         environ: Mapping[str, str] | None = None,
+        wait_throttled: bool = True,
     ) -> None:
+        self._wait_throttled = wait_throttled
         self.proxy = (
             None if transport else proxy_from_env(os.environ if environ is None else environ)
         )
@@ -263,6 +271,14 @@ class CloudClient:
                 asked = retry_after(response.headers.get("retry-after"), self.now())
                 if delay is not None and asked is not None:
                     delay = max(delay, asked * (1 + 0.1 * self._random()))
+                if not self._wait_throttled:
+                    raise CloudError(
+                        "429: Too many requests",
+                        status=429,
+                        throttled=True,
+                        retry_after=asked,
+                        url=url,
+                    )
                 if delay is None:
                     log.warning(
                         "%s %s throttled (attempt %d of %d); giving up",

@@ -38,14 +38,26 @@ class Credentials:
 
 
 class CloudFailed(Exception):
-    """A DPS or hub request failed; `network` when the cloud could not be reached."""
+    """A DPS or hub request failed; `network` when the cloud could not be reached;
+    `throttled` (with its Retry-After, if any) when it answered 429."""
 
-    def __init__(self, service: str, cause: str, network: bool, status: int | None = None) -> None:
+    def __init__(
+        self,
+        service: str,
+        cause: str,
+        network: bool,
+        status: int | None = None,
+        *,
+        throttled: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(cause)
         self.service = service
         self.cause = cause
         self.network = network
         self.status = status
+        self.throttled = throttled
+        self.retry_after = retry_after
 
 
 def normalized_endpoint(url: str) -> str:
@@ -76,17 +88,31 @@ class Cloud:
         self._faults = faults
         self._threads = trio.CapacityLimiter(4)
 
-    async def _run(self, service: str, work: Callable[[CloudClient], T], creds: Credentials) -> T:
+    async def _run(
+        self,
+        service: str,
+        work: Callable[[CloudClient], T],
+        creds: Credentials,
+        *,
+        wait_throttled: bool = True,
+    ) -> T:
         def call() -> T:
             context = client_context(creds.chain, creds.private_op, ())
-            with CloudClient(context) as client:
+            with CloudClient(context, wait_throttled=wait_throttled) as client:
                 return work(client)
 
         await self._faults.hit("identity.cloud")
         try:
             return await trio.to_thread.run_sync(call, limiter=self._threads)
         except CloudError as error:
-            raise CloudFailed(service, error.message, error.network, error.status) from None
+            raise CloudFailed(
+                service,
+                error.message,
+                error.network,
+                error.status,
+                throttled=error.throttled,
+                retry_after=error.retry_after,
+            ) from None
 
     # -- DPS ---------------------------------------------------------------------------------
 
@@ -149,12 +175,19 @@ class Cloud:
         return await self._run("Hub", work, creds)
 
     async def get_module(
-        self, device: DeviceInfo, module_id: str, creds: Credentials
+        self,
+        device: DeviceInfo,
+        module_id: str,
+        creds: Credentials,
+        *,
+        wait_throttled: bool = True,
     ) -> dict[str, Any]:
+        """The hub's module; with `wait_throttled=False` a 429 fails at once (`throttled`)."""
+
         def work(client: CloudClient) -> dict[str, Any]:
             return self._hub(client, device, creds).get_module(module_id).to_json()
 
-        return await self._run("Hub", work, creds)
+        return await self._run("Hub", work, creds, wait_throttled=wait_throttled)
 
     async def create_module(
         self, device: DeviceInfo, module_id: str, creds: Credentials
