@@ -8,7 +8,6 @@ import contextlib
 import re
 from typing import Any
 
-import pytest
 from hypothesis import event
 from hypothesis.errors import InvalidArgument
 
@@ -57,8 +56,3 @@ def quiet_event(text: str) -> None:
     """`event()`, also usable from the pinned tests, which run outside Hypothesis."""
     with contextlib.suppress(InvalidArgument):
         event(text)
-
-
-def known(reason: str) -> pytest.MarkDecorator:
-    """A known difference from the original, pinned: it fails the day it is fixed."""
-    return pytest.mark.xfail(strict=True, reason=reason)

@@ -73,7 +73,7 @@ from .messages import (
     Reprovision,
     UpdateModule,
 )
-from .state import DeviceInfo, StateFiles, provisioning_key
+from .state import DeviceInfo, StateFiles, normalized_endpoint, provisioning_key
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ class IdentityActor:
             template = await self._template()
             backup = None if source == "manual" else await self._backup(template)
             if source == "manual" or backup is None:
-                device = await self._provision(use_backup=False, template=template)
+                device = await self._provision(template)
             elif await self._settings_changed():
                 log.info(
                     "the provisioning settings changed since %s was provisioned; "
@@ -468,7 +468,7 @@ class IdentityActor:
         every module principal as new."""
         self._provision_owed = True
         old = self._device
-        device = await self._provision(use_backup=False)
+        device = await self._provision()
         self._provision_owed = False
         if forget_modules and old is not None:
             await trio.to_thread.run_sync(self._state.clear_modules, old.info)
@@ -515,9 +515,9 @@ class IdentityActor:
         backup = await trio.to_thread.run_sync(self._state.read_device_info)
         return None if backup is None else attrs.evolve(template, info=backup)
 
-    async def _provision(self, *, use_backup: bool, template: Device | None = None) -> Device:
-        """The device from the config (manual), the backup (DPS, `use_backup`) or DPS. Nothing
-        is stored or served here: the caller decides what becomes of the result."""
+    async def _provision(self, template: Device | None = None) -> Device:
+        """The device from the config (manual) or DPS. Nothing is stored or served here: the
+        caller decides what becomes of the result."""
         if template is None:
             template = await self._template()
         if self.config.provisioning.source == "manual":
@@ -525,15 +525,6 @@ class IdentityActor:
                 "provisioned manually as %s on %s", template.info.device_id, template.info.hub_name
             )
             return template
-        if use_backup:
-            backup = await self._backup(template)
-            if backup is not None:
-                log.info(
-                    "using the provisioning backup: %s on %s",
-                    backup.info.device_id,
-                    backup.info.hub_name,
-                )
-                return backup
         registration_id = await self._registration_id()
         if template.auth == "tpm":
             keys = await self._tpm_call(Tpm.get_tpm_keys, NOTHING)
@@ -884,7 +875,7 @@ class IdentityActor:
             {
                 "source": "dps",
                 "auth": kind.attestation.METHOD,
-                "endpoint": cloudcalls.normalized_endpoint(kind.global_endpoint),
+                "endpoint": normalized_endpoint(kind.global_endpoint),
                 "scope_id": kind.scope_id,
                 "registration_id": await self._registration_id_for_route(),
                 "payload": payload,

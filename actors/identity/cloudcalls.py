@@ -60,14 +60,6 @@ class CloudFailed(Exception):
         self.retry_after = retry_after
 
 
-def normalized_endpoint(url: str) -> str:
-    """The endpoint as the original's `url::Url` shows it: a bare host gets a `/` path."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "/" not in rest:
-        return url + "/"
-    return url
-
-
 def read_payload(provisioning: Any) -> Any:
     """The configured payload file's JSON (None when it holds `null`), or `NO_PAYLOAD`."""
     payload = getattr(provisioning.kind, "payload", None)

@@ -253,7 +253,7 @@ def _provisioning_table(provisioning: settings.Provisioning) -> dict[str, Any]:
                 manual["csr_subject"] = _subject(auth.csr_subject)
             table["authentication"] = manual
     elif isinstance(kind, settings.Dps):
-        table["global_endpoint"] = _endpoint(kind.global_endpoint)
+        table["global_endpoint"] = normalized_endpoint(kind.global_endpoint)
         table["scope_id"] = kind.scope_id
         attestation = kind.attestation
         att: dict[str, Any] = {"method": attestation.METHOD}
@@ -292,9 +292,8 @@ def _principal_table(principal: settings.Principal) -> dict[str, Any]:
     return table
 
 
-def _endpoint(url: str) -> str:
-    """As the original's `url::Url` writes it: a bare host gets a `/` path (as
-    `cloudcalls.normalized_endpoint`, which imports this module)."""
+def normalized_endpoint(url: str) -> str:
+    """The endpoint as the original's `url::Url` shows it: a bare host gets a `/` path."""
     scheme, sep, rest = url.partition("://")
     return url + "/" if sep and "/" not in rest else url
 
@@ -329,7 +328,7 @@ def provisioning_key(provisioning: settings.Provisioning) -> tuple[Any, ...]:
         return (
             "dps",
             gateway,
-            _endpoint(kind.global_endpoint),
+            normalized_endpoint(kind.global_endpoint),
             kind.scope_id,
             attestation.METHOD,
             registration,
