@@ -29,3 +29,14 @@ def _workers() -> trio.CapacityLimiter:
 async def in_worker(function: Callable[..., T], *args: Any) -> T:
     """`function(*args)` in a worker thread (for OpenSSL calls, which release the GIL)."""
     return await trio.to_thread.run_sync(function, *args, limiter=_workers())
+
+
+# Input below which work costs less than the hop to a worker thread (hashing, AES, JSON).
+SMALL = 64 * 1024
+
+
+async def sized(size: int, function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` here when its input is small, in a worker thread when it is large."""
+    if size < SMALL:
+        return function(*args)
+    return await in_worker(function, *args)

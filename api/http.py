@@ -15,8 +15,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import attrs
-import trio
 
+from aziot.actors.offload import SMALL, in_worker, sized
 from aziot.bus.errors import BusError, ErrorKind
 from aziot.bus.logtext import loggable
 
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 JSON = b"application/json"
 BODY_TIMEOUT = 5.0  # the original's body read timeout
 MAX_BODY = 1 << 20  # 1 MiB: no request of any service comes close
-LARGE_BODY = 64 * 1024  # parsed off the loop from this size on
 
 STATUS_OF_KIND = {
     ErrorKind.INVALID: 400,
@@ -112,7 +111,7 @@ def _large_answer(body: Any) -> bool:
     plaintext, a certificate chain) sit at its top level."""
     if not isinstance(body, dict):
         return False
-    return sum(len(value) for value in body.values() if isinstance(value, str)) >= LARGE_BODY
+    return sum(len(value) for value in body.values() if isinstance(value, str)) >= SMALL
 
 
 def encode_json(value: Any) -> bytes:
@@ -171,7 +170,6 @@ class ServiceApp:
             for other in routes:
                 if other.pattern.pattern != literal and other.pattern.fullmatch(literal):
                     raise ValueError(f"route {other.pattern.pattern!r} also matches {literal!r}")
-        self._parsers = trio.CapacityLimiter(2)  # one per core: more would queue on the GIL
 
     def _route(self, path: str, api_version: str) -> tuple[Route, tuple[str, ...]]:
         literal = self._literal.get(path)
@@ -183,19 +181,11 @@ class ServiceApp:
                 return candidate, params
         raise HttpError(404, "not found")
 
-    async def _parse_json(self, raw: bytes, handler: Handler | None) -> Any:
+    @staticmethod
+    async def _parse_json(raw: bytes, handler: Handler | None) -> Any:
         """A large body is parsed in a worker thread: parsing a megabyte holds the loop for
         tens of milliseconds, which every other caller would wait out."""
-        if len(raw) < LARGE_BODY:
-            return _parse_as_serde(raw, handler)
-        return await trio.to_thread.run_sync(_parse_as_serde, raw, handler, limiter=self._parsers)
-
-    async def _replay(self, raw: bytes, handler: Handler | None) -> Any:
-        """serde's verdict on a body a handler refused (off the loop when large, as parsing)."""
-        kind = body_type_of(handler)
-        if len(raw) < LARGE_BODY:
-            return replay(raw, kind)
-        return await trio.to_thread.run_sync(replay, raw, kind, limiter=self._parsers)
+        return await sized(len(raw), _parse_as_serde, raw, handler)
 
     async def _handle_as_serde(
         self, handler: Handler, request: Request, error: ShapeError
@@ -204,7 +194,7 @@ class ServiceApp:
         error is the 422; if it accepts (the handler was stricter, as on `{"ECDSA":null}` for
         an algorithm), the handler gets serde's reading of the body instead."""
         raw = request.raw_body or b""
-        verdict = await self._replay(raw, handler)
+        verdict = await sized(len(raw), replay, raw, body_type_of(handler))
         if isinstance(verdict, Refused):
             raise HttpError(422, verdict.message)
         try:
@@ -235,9 +225,7 @@ class ServiceApp:
             return http1.Response(204)
         if _large_answer(response.body):
             # A megabyte handle or plaintext: encoding it would hold the loop as parsing would.
-            encoded = await trio.to_thread.run_sync(
-                encode_large_json, response.body, limiter=self._parsers
-            )
+            encoded = await in_worker(encode_large_json, response.body)
         else:
             encoded = encode_json(response.body)
         return http1.Response(response.status, encoded, JSON)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from aziot.actors.offload import in_worker, sized
 from aziot.actors.texts import GENERIC_INVALID
 from aziot.bus.errors import BusError, ErrorKind, internal, invalid, unauthorized
 from aziot.bus.protocol import NOTHING, Caller, Nothing, Operation, dispatcher
@@ -364,7 +365,7 @@ class KeysActor:
         secret = await self._secret(key_id, self._on_token(Pkcs11.hmac_sha256, message=message))
         if secret.token is not None:
             return bytes(secret.result)
-        return await filecrypto.sized(len(message), filecrypto.hmac_sha256, secret.data, message)
+        return await sized(len(message), filecrypto.hmac_sha256, secret.data, message)
 
     async def _derived_key(self, ref: KeyRef) -> bytes:
         """The bytes of a derived key: HMAC of its base key (done by the token for token keys)."""
@@ -549,7 +550,7 @@ class KeysActor:
             return Signature(await self._hmac_with(ref.key_id, msg.data))
         if ref.kind == "Derived" and msg.algorithm == "HMAC-SHA256":
             key = await self._derived_key(ref)
-            signature = await filecrypto.sized(len(msg.data), filecrypto.hmac_sha256, key, msg.data)
+            signature = await sized(len(msg.data), filecrypto.hmac_sha256, key, msg.data)
             return Signature(signature)
         raise mechanism_error()
 
@@ -567,9 +568,7 @@ class KeysActor:
                     return Ciphertext(b"\x02" + secret.result)
                 key = secret.data
             size = len(msg.plaintext) + len(msg.aad)
-            sealed = await filecrypto.sized(
-                size, filecrypto.aead_encrypt, key, msg.iv, msg.aad, msg.plaintext
-            )
+            sealed = await sized(size, filecrypto.aead_encrypt, key, msg.iv, msg.aad, msg.plaintext)
             return Ciphertext(sealed)
         if ref.kind == "KeyPair" and msg.algorithm in ("RSA-PKCS1", "RSA-NO-PADDING"):
             padding = "pkcs1" if msg.algorithm == "RSA-PKCS1" else "none"
@@ -579,7 +578,7 @@ class KeysActor:
                 return Ciphertext(pair.result)
             assert pair.key is not None
             # Milliseconds of OpenSSL for RSA-4096: always off the loop.
-            out = await filecrypto.in_worker(
+            out = await in_worker(
                 filecrypto.rsa_private_encrypt, pair.key, msg.plaintext, msg.algorithm
             )
             return Ciphertext(out)
@@ -612,9 +611,7 @@ class KeysActor:
                 return Plaintext(secret.result)
             key = secret.data
         size = len(msg.ciphertext) + len(msg.aad)
-        opened = await filecrypto.sized(
-            size, filecrypto.aead_decrypt, key, msg.iv, msg.aad, msg.ciphertext
-        )
+        opened = await sized(size, filecrypto.aead_decrypt, key, msg.iv, msg.aad, msg.ciphertext)
         return Plaintext(opened)
 
     async def reload_principals(self, msg: ReloadPrincipals, caller: Caller) -> Nothing:

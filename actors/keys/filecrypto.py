@@ -11,32 +11,16 @@ import hmac
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
-
-from aziot.actors.offload import in_worker
 
 from . import gcm, openssl
 
 P256_OID_DER = bytes.fromhex("06082a8648ce3d030107")
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-T = TypeVar("T")
-
-
-# Input below which hashing or AES costs less than the hop to a worker thread.
-SMALL = 64 * 1024
-
-
-async def sized(size: int, function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)` here when its input is small, in a worker thread when it is large."""
-    if size < SMALL:
-        return function(*args)
-    return await in_worker(function, *args)
 
 
 class LibError(Exception):
